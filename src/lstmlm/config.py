@@ -1,0 +1,190 @@
+"""The one configuration object: preset file -> CLI overrides -> model and trainer -> config.json.
+
+Every field has a type, a default and a help text. Presets are TOML files in `lstmlm/presets/`
+holding a `description` and any subset of the fields; the CLI can override any field with
+`--set key=value` or with the field's own flag (`--hidden-size 650`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import sys
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+
+from .errors import LstmlmError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+class ConfigError(LstmlmError):
+    """An unknown key, a value of the wrong type or an impossible value."""
+
+
+def _f(default, help: str):
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class Config:
+    # data
+    data: str = _f("wikitext-2", "data directory, or a dataset name: wikitext-2, wikitext-103, ptb")
+    batch_size: int = _f(20, "parallel token streams per training batch")
+    bptt: int = _f(35, "tokens per truncated back-propagation window")
+    valid_batch_size: int = _f(10, "batch size for validation")
+    test_batch_size: int = _f(10, "batch size for the final test evaluation")
+    # model
+    embedding_size: int = _f(380, "word embedding size")
+    hidden_size: int = _f(400, "LSTM hidden size")
+    num_layers: int = _f(2, "number of LSTM layers")
+    dropout_input: float = _f(0.2, "dropout on the embedding output")
+    dropout_hidden: float = _f(0.2, "dropout between LSTM layers")
+    dropout_output: float = _f(0.2, "dropout on the last LSTM layer's output, before the decoder")
+    # optimization
+    optimizer: str = _f("sgd", "sgd, adam or adamw")
+    lr: float = _f(0.5, "learning rate")
+    momentum: float = _f(0.0, "SGD momentum")
+    weight_decay: float = _f(1e-6, "L2 penalty (decoupled for adamw)")
+    clip: float = _f(5.0, "clip the global gradient norm to this value (0: no clipping)")
+    lr_decay: float = _f(4.0, "divide the learning rate by this when validation stops improving")
+    lr_patience: int = _f(0, "validations without improvement tolerated before decaying")
+    min_lr: float = _f(0.0, "never decay the learning rate below this")
+    # schedule and budget
+    epochs: int = _f(40, "passes over the training split")
+    max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
+    max_minutes: float = _f(0.0, "stop after this many minutes of training (0: no limit)")
+    eval_interval: int = _f(0, "validate every N steps (0: once per epoch)")
+    checkpoint_minutes: float = _f(10.0, "also save a resumable checkpoint every N minutes")
+    seed: int = _f(1111, "random seed (same seed, same numbers on the same machine)")
+    device: str = _f("cpu", "cpu, cuda or auto")
+
+    # ---- construction -------------------------------------------------------------------
+
+    @classmethod
+    def from_dict(cls, values: dict, source: str = "config") -> "Config":
+        cfg = cls()
+        cfg.update(values, source)
+        return cfg
+
+    def update(self, values: dict, source: str = "config") -> None:
+        """Set fields from a dict of already-typed values (TOML or JSON), checking each."""
+        for key, value in values.items():
+            setattr(self, key, coerce(key, value, source))
+        self.validate()
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    # ---- checks -------------------------------------------------------------------------
+
+    def validate(self) -> None:
+        def need(ok: bool, message: str) -> None:
+            if not ok:
+                raise ConfigError(message)
+
+        for name in ("batch_size", "bptt", "valid_batch_size", "test_batch_size",
+                     "embedding_size", "hidden_size", "num_layers", "epochs"):
+            need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("dropout_input", "dropout_hidden", "dropout_output"):
+            p = getattr(self, name)
+            need(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
+        for name in ("momentum", "weight_decay", "clip", "max_steps", "max_minutes",
+                     "eval_interval", "checkpoint_minutes", "lr_patience", "min_lr"):
+            need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.lr_decay >= 1, f"lr_decay must be >= 1 (1: never decay), got {self.lr_decay}")
+        need(self.optimizer in ("sgd", "adam", "adamw"),
+             f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        need(self.device in ("cpu", "cuda", "auto"),
+             f"device must be cpu, cuda or auto, got {self.device!r}")
+
+
+FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+
+
+def _unknown_key(key: str, source: str) -> ConfigError:
+    close = difflib.get_close_matches(key, FIELDS, n=1)
+    hint = f" (did you mean {close[0]}?)" if close else " (see `lstmlm train --help`)"
+    return ConfigError(f"{source}: unknown config key {key!r}{hint}")
+
+
+def coerce(key: str, value, source: str = "config"):
+    """Check a typed value (from TOML/JSON) against the field's type; ints are accepted as floats."""
+    if key not in FIELDS:
+        raise _unknown_key(key, source)
+    kind = type(FIELDS[key].default)
+    if kind is float and type(value) is int:
+        return float(value)
+    if type(value) is not kind:
+        raise ConfigError(
+            f"{source}: {key} must be {kind.__name__}, got {type(value).__name__} {value!r}")
+    return value
+
+
+def parse_value(key: str, text: str, source: str = "command line"):
+    """Turn the string of `--set key=value` (or `--key value`) into the field's type."""
+    if key not in FIELDS:
+        raise _unknown_key(key, source)
+    kind = type(FIELDS[key].default)
+    try:
+        if kind is bool:
+            lowered = text.strip().lower()
+            if lowered in ("true", "1", "yes", "on"):
+                return True
+            if lowered in ("false", "0", "no", "off"):
+                return False
+            raise ValueError
+        return kind(text)
+    except ValueError:
+        raise ConfigError(f"{source}: {key} must be {kind.__name__}, got {text!r}") from None
+
+
+def parse_assignment(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set hidden_size=650")
+    key, value = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    return key, parse_value(key, value, "--set")
+
+
+# ---- presets --------------------------------------------------------------------------------
+
+def _preset_files() -> dict[str, object]:
+    folder = resources.files("lstmlm") / "presets"
+    return {p.name[:-5]: p for p in folder.iterdir() if p.name.endswith(".toml")}
+
+
+def list_presets() -> list[tuple[str, str]]:
+    """(name, description) of every shipped preset, sorted by name."""
+    return [(name, read_preset_file(path)[0]) for name, path in sorted(_preset_files().items())]
+
+
+def read_preset_file(path) -> tuple[str, dict]:
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConfigError(f"preset {path}: cannot read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"preset {path}: invalid TOML ({e})") from None
+    description = data.pop("description", "")
+    return description, data
+
+
+def load_preset(name: str) -> Config:
+    """A shipped preset by name, or a TOML file given by path."""
+    files = _preset_files()
+    if name in files:
+        path = files[name]
+    elif name.endswith(".toml") and Path(name).is_file():
+        path = Path(name)
+    else:
+        close = difflib.get_close_matches(name, files, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ConfigError(f"unknown preset {name!r}: {hint}`lstmlm presets` lists them")
+    _, values = read_preset_file(path)
+    return Config.from_dict(values, source=f"preset {name}")

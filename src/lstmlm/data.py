@@ -1,0 +1,247 @@
+"""Word-level corpora: reading, vocabulary, a tokenized-corpus cache, and batching.
+
+The conventions are those of the classic WikiText-2 / Penn Treebank setup (pytorch/examples
+`word_language_model`, salesforce `awd-lstm-lm`): each line is split on whitespace and ends with
+one `<eos>` token, empty lines included. The vocabulary comes from the training split; words
+of valid/test that training never saw become `<unk>`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .errors import LstmlmError
+from .fileio import atomic_write
+
+EOS = "<eos>"
+UNK = "<unk>"
+SPLITS = ("train", "valid", "test")
+# File names accepted for each split inside a data directory, in order of preference.
+SPLIT_FILES = {split: (f"{split}.txt", f"wiki.{split}.tokens") for split in SPLITS}
+CACHE_FORMAT = 1
+
+
+class CorpusError(LstmlmError):
+    """A data file or directory that cannot be used as a corpus."""
+
+
+def cache_root() -> Path:
+    """Where lstmlm keeps downloaded datasets and tokenized corpora (`$LSTMLM_CACHE`)."""
+    if "LSTMLM_CACHE" in os.environ:
+        return Path(os.environ["LSTMLM_CACHE"]).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "lstmlm"
+
+
+def read_lines(path: Path) -> list[list[str]]:
+    """Words of each line of a UTF-8 text file; a clear error for anything that is not text."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        raise CorpusError(f"{path}: file not found") from None
+    except IsADirectoryError:
+        raise CorpusError(f"{path}: is a directory, expected a text file") from None
+    except OSError as e:
+        raise CorpusError(f"{path}: cannot read ({e.strerror})") from None
+    if b"\x00" in raw[:1 << 20]:
+        raise CorpusError(f"{path}: looks like a binary file (contains NUL bytes); pass plain UTF-8 text")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise CorpusError(
+            f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            "convert it to UTF-8, e.g. with iconv") from None
+    if not text.strip():
+        raise CorpusError(f"{path}: contains no words; every split needs some text")
+    # Universal newlines (\n, \r\n, \r) as Python's text mode reads them; not str.splitlines(),
+    # which also breaks on form feeds and other separators the reference code keeps inside lines.
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if lines[-1] == "":
+        lines.pop()
+    return [line.split() for line in lines]
+
+
+def count_tokens(path: Path) -> int:
+    """Number of tokens in a file, `<eos>` included (one per line)."""
+    return sum(len(words) + 1 for words in read_lines(path))
+
+
+def find_split_files(directory: Path) -> dict[str, Path]:
+    """The train/valid/test files of a data directory, by split name."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise CorpusError(f"{directory}: no such directory")
+    found = {}
+    for split, names in SPLIT_FILES.items():
+        path = next((directory / n for n in names if (directory / n).is_file()), None)
+        if path is None:
+            raise CorpusError(
+                f"{directory}: missing the {split} split; expected a file named "
+                f"{' or '.join(names)}")
+        found[split] = path
+    return found
+
+
+class Vocab:
+    """Word <-> id mapping. Ids are sorted by training frequency (most frequent first)."""
+
+    def __init__(self, words: list[str]):
+        if len(set(words)) != len(words):
+            raise LstmlmError("vocabulary has duplicate words")
+        if UNK not in words or EOS not in words:
+            raise LstmlmError(f"vocabulary must contain {EOS} and {UNK}")
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+        self.unk_id = self.index[UNK]
+        self.eos_id = self.index[EOS]
+
+    @classmethod
+    def from_lines(cls, lines: list[list[str]]) -> "Vocab":
+        counts = Counter(w for words in lines for w in words)
+        counts[EOS] += len(lines)
+        counts.setdefault(UNK, 0)
+        # Counter.most_common keeps first-seen order among equal counts: deterministic.
+        return cls([w for w, _ in counts.most_common()])
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+    def encode(self, lines: list[list[str]]) -> tuple[torch.Tensor, int]:
+        """Token ids of the lines with `<eos>` after each, and how many words were unknown."""
+        ids, unknown = [], 0
+        get, unk, eos = self.index.get, self.unk_id, self.eos_id
+        for words in lines:
+            for w in words:
+                i = get(w)
+                if i is None:
+                    i, unknown = unk, unknown + 1
+                ids.append(i)
+            ids.append(eos)
+        return torch.tensor(ids, dtype=torch.long), unknown
+
+    def decode(self, ids) -> list[str]:
+        return [self.words[i] for i in ids]
+
+    def save(self, path: Path) -> None:
+        atomic_write(path, ("\n".join(self.words) + "\n").encode("utf-8"))
+
+    @classmethod
+    def load(cls, path: Path) -> "Vocab":
+        text = Path(path).read_text(encoding="utf-8")
+        # Words never contain whitespace, so one per line (split on "\n" only) is lossless.
+        return cls(text.split("\n")[:-1])
+
+
+@dataclass
+class Corpus:
+    """A vocabulary and the token ids of the three splits."""
+
+    vocab: Vocab
+    train: torch.Tensor
+    valid: torch.Tensor
+    test: torch.Tensor
+    unknown: dict[str, int]  # words mapped to <unk> because training never saw them
+
+    def split(self, name: str) -> torch.Tensor:
+        return getattr(self, name)
+
+    def summary(self) -> str:
+        parts = [f"vocabulary {len(self.vocab):,}"]
+        for s in SPLITS:
+            parts.append(f"{s} {self.split(s).numel():,} tokens")
+        text = ", ".join(parts)
+        unknown = {s: n for s, n in self.unknown.items() if n}
+        if unknown:
+            text += "; words unseen in training mapped to <unk>: " + ", ".join(
+                f"{s} {n:,}" for s, n in unknown.items())
+        return text
+
+
+def _files_digest(files: dict[str, Path]) -> str:
+    h = hashlib.sha256(f"lstmlm-corpus-{CACHE_FORMAT}".encode())
+    for split in SPLITS:
+        h.update(split.encode())
+        h.update(hashlib.sha256(files[split].read_bytes()).digest())
+    return h.hexdigest()
+
+
+def tokenize(files: dict[str, Path]) -> Corpus:
+    """Read and encode the three splits (no cache)."""
+    lines = {split: read_lines(files[split]) for split in SPLITS}
+    vocab = Vocab.from_lines(lines["train"])
+    encoded = {split: vocab.encode(lines[split]) for split in SPLITS}
+    return Corpus(vocab, *(encoded[s][0] for s in SPLITS),
+                  unknown={s: encoded[s][1] for s in SPLITS})
+
+
+def load_corpus(directory: Path, use_cache: bool = True) -> Corpus:
+    """Tokenize a data directory, through a cache keyed by the files' sha256.
+
+    The cache lives under `cache_root()/tokenized`; when it cannot be written (read-only home,
+    full disk) the corpus is simply tokenized again next time.
+    """
+    files = find_split_files(directory)
+    if not use_cache:
+        return tokenize(files)
+    cache_file = cache_root() / "tokenized" / f"{_files_digest(files)}.safetensors"
+    if cache_file.is_file():
+        try:
+            return _read_cache(cache_file)
+        except Exception:  # a damaged cache file is rebuilt, never trusted
+            pass
+    corpus = tokenize(files)
+    _write_cache(cache_file, corpus)
+    return corpus
+
+
+def _write_cache(path: Path, corpus: Corpus) -> None:
+    tensors = {s: corpus.split(s) for s in SPLITS}
+    meta = {"vocab": json.dumps(corpus.vocab.words), "unknown": json.dumps(corpus.unknown)}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    except OSError:
+        pass
+
+
+def _read_cache(path: Path) -> Corpus:
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    tensors = load_file(str(path))
+    return Corpus(Vocab(json.loads(meta["vocab"])), *(tensors[s] for s in SPLITS),
+                  unknown=json.loads(meta["unknown"]))
+
+
+def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """Cut a 1-D token stream into `batch_size` parallel streams: shape (length, batch_size).
+
+    Column j holds the j-th contiguous slice of the corpus; trailing tokens that do not fill a
+    row are dropped, as in the reference code.
+    """
+    length = data.numel() // batch_size
+    if length < 2:
+        raise CorpusError(
+            f"the split has {data.numel()} tokens, too few for batch size {batch_size}; "
+            "use a smaller batch size or more data")
+    return data[: length * batch_size].view(batch_size, length).t().contiguous()
+
+
+def get_batch(source: torch.Tensor, i: int, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inputs rows i..i+seq_len-1 and the targets one step later (flattened)."""
+    seq_len = min(seq_len, source.size(0) - 1 - i)
+    inputs = source[i: i + seq_len]
+    targets = source[i + 1: i + 1 + seq_len].reshape(-1)
+    return inputs, targets
