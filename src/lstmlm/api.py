@@ -8,6 +8,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from .allocator import keep_freed_memory
 from .checkpoint import load_run
 from .data import EOS
 from .evaluate import perplexity
@@ -18,6 +19,7 @@ class LanguageModel:
     """A trained model with its vocabulary and config, ready for inference."""
 
     def __init__(self, run_dir: str | Path):
+        keep_freed_memory()
         self.run_dir = Path(run_dir)
         self.config, self.vocab, self.model = load_run(self.run_dir)
 

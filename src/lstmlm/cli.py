@@ -12,6 +12,7 @@ import sys
 import warnings
 from pathlib import Path
 
+from .allocator import keep_freed_memory
 from .config import FIELDS, list_presets, load_preset, parse_assignment, parse_value
 from .errors import LstmlmError
 
@@ -150,6 +151,7 @@ def build_parser() -> ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     warnings.formatwarning = lambda message, *rest, **kw: f"lstmlm: warning: {message}\n"
     try:
         args.func(args)

@@ -22,6 +22,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from .allocator import keep_freed_memory
 from .config import Config, ConfigError
 from .data import Corpus, batchify, get_batch, load_corpus
 from .datasets import resolve_data
@@ -71,6 +72,7 @@ def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer
 class Trainer:
     def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, quiet: bool = False):
         self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        keep_freed_memory()
         self.device = pick_device(cfg.device)
         torch.manual_seed(cfg.seed)
         self.vocab = corpus.vocab

@@ -1,0 +1,115 @@
+import torch
+import pytest
+
+from lstmlm import data
+from lstmlm.data import EOS, UNK, CorpusError, Vocab, batchify, get_batch, load_corpus, tokenize
+
+
+def write_corpus(directory, train, valid, test, names=("train.txt", "valid.txt", "test.txt")):
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in zip(names, (train, valid, test)):
+        (directory / name).write_text(text, encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize("name, counts, vocab_size", [
+    ("wikitext-2", (2_088_628, 217_646, 245_569), 33_278),
+    ("ptb", (929_589, 73_760, 82_430), 10_000),
+])
+def test_real_corpus_counts(shared_data, name, counts, vocab_size, monkeypatch, tmp_path):
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path))
+    directory = shared_data / name
+    if not directory.is_dir():
+        pytest.fail(f"{directory} missing")
+    corpus = load_corpus(directory)
+    assert (corpus.train.numel(), corpus.valid.numel(), corpus.test.numel()) == counts
+    assert len(corpus.vocab) == vocab_size
+    assert corpus.unknown == {"train": 0, "valid": 0, "test": 0}
+    # The second load comes from the tensor cache and gives the same corpus.
+    monkeypatch.setattr(data, "tokenize", lambda files: pytest.fail("cache not used"))
+    again = load_corpus(directory)
+    assert torch.equal(again.train, corpus.train) and again.vocab.words == corpus.vocab.words
+
+
+def test_eos_per_line_and_unknown_words(tmp_path):
+    d = write_corpus(tmp_path, " a b \n\n b c\n", "a zebra\n", "yak yak a\n")
+    corpus = tokenize(data.find_split_files(d))
+    v = corpus.vocab
+    assert v.decode(corpus.train.tolist()) == ["a", "b", EOS, EOS, "b", "c", EOS]
+    assert v.decode(corpus.valid.tolist()) == ["a", UNK, EOS]
+    assert corpus.unknown == {"train": 0, "valid": 1, "test": 2}
+    assert "valid 1" in corpus.summary() and "test 2" in corpus.summary()
+    # Ids sorted by training frequency.
+    assert v.words[0] == EOS and v.words[1] == "b"
+
+
+def test_wiki_token_file_names_and_crlf(tmp_path):
+    d = write_corpus(tmp_path, "x y\r\nz\r\n", "x\n", "y\n",
+                     names=("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"))
+    corpus = tokenize(data.find_split_files(d))
+    assert corpus.vocab.decode(corpus.train.tolist()) == ["x", "y", EOS, "z", EOS]
+
+
+def test_cache_is_keyed_by_content(tmp_path, monkeypatch):
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+    d = write_corpus(tmp_path / "c", "a b\n", "a\n", "b\n")
+    first = load_corpus(d)
+    (d / "train.txt").write_text("a b c\n")
+    second = load_corpus(d)
+    assert second.train.numel() == first.train.numel() + 1
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
+
+
+def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+    d = write_corpus(tmp_path / "c", "a b\n", "a\n", "b\n")
+    load_corpus(d)
+    (cache_file,) = (tmp_path / "cache" / "tokenized").iterdir()
+    cache_file.write_bytes(b"junk")
+    assert load_corpus(d).train.numel() == 3
+
+
+@pytest.mark.parametrize("content, message", [
+    (b"", "contains no words"),
+    (b"\n\n  \n", "contains no words"),
+    (b"abc\x00\x01def", "binary"),
+    (b"caf\xe9 au lait\n", "not UTF-8"),
+])
+def test_unusable_files(tmp_path, content, message):
+    d = write_corpus(tmp_path, "a\n", "a\n", "a\n")
+    (d / "valid.txt").write_bytes(content)
+    with pytest.raises(CorpusError, match=message):
+        tokenize(data.find_split_files(d))
+
+
+def test_missing_split_and_directory(tmp_path):
+    d = write_corpus(tmp_path, "a\n", "a\n", "a\n")
+    (d / "test.txt").unlink()
+    with pytest.raises(CorpusError, match="missing the test split"):
+        data.find_split_files(d)
+    with pytest.raises(CorpusError, match="no such directory"):
+        data.find_split_files(tmp_path / "nope")
+
+
+def test_vocab_round_trip(tmp_path):
+    v = Vocab.from_lines([["b", "a", "b", "ü", "x\x01x"]])
+    v.save(tmp_path / "vocab.txt")
+    assert Vocab.load(tmp_path / "vocab.txt").words == v.words
+
+
+def test_batchify_and_get_batch():
+    stream = torch.arange(103)
+    batches = batchify(stream, 4)
+    assert batches.shape == (25, 4)
+    # Column j is the j-th contiguous quarter of the stream.
+    assert batches[:, 1].tolist() == list(range(25, 50))
+    inputs, targets = get_batch(batches, 0, 10)
+    assert inputs.shape == (10, 4) and targets.shape == (40,)
+    assert torch.equal(targets.view(10, 4), batches[1:11])  # targets = inputs shifted by one
+    inputs, targets = get_batch(batches, 20, 10)  # the last window is shorter
+    assert inputs.shape == (4, 4) and torch.equal(targets.view(4, 4), batches[21:25])
+
+
+def test_batchify_too_little_data():
+    with pytest.raises(CorpusError, match="too few"):
+        batchify(torch.arange(5), 4)

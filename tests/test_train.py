@@ -1,0 +1,178 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from lstmlm import checkpoint as ckpt
+from lstmlm.config import Config, ConfigError
+from lstmlm.errors import LstmlmError
+from lstmlm.train import run_training
+
+SENTENCES = ["the cat sat on the mat", "a dog ran to the red house",
+             "we like green tea", "it is a big day for the cat"]
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    """A small, perfectly learnable corpus: the same four sentences over and over."""
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+    d = tmp_path / "corpus"
+    d.mkdir()
+    for split, repeats in (("train", 30), ("valid", 3), ("test", 3)):
+        (d / f"{split}.txt").write_text("".join(f" {s} \n" for s in SENTENCES * repeats))
+    return d
+
+
+def tiny(corpus, **kw):
+    values = dict(data=str(corpus), embedding_size=24, hidden_size=32, num_layers=1,
+                  batch_size=4, bptt=10, valid_batch_size=2, test_batch_size=2, lr=2.0,
+                  dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, epochs=1, seed=3)
+    values.update(kw)
+    return Config(**values)
+
+
+def metrics(run_dir):
+    return [json.loads(line) for line in (run_dir / ckpt.METRICS).read_text().splitlines()]
+
+
+def test_tiny_model_learns_a_tiny_corpus(corpus, tmp_path):
+    results = run_training(tiny(corpus, epochs=12, lr=0.02, optimizer="adam", lr_decay=1.0),
+                           out=tmp_path / "run", quiet=True)
+    assert results["stop_reason"] == "epochs"
+    assert results["best_valid_ppl"] < 2.0 and results["test_ppl"] < 2.0
+    lines = metrics(tmp_path / "run")
+    assert len(lines) == 12 and lines[-1]["valid_ppl"] < lines[0]["valid_ppl"] / 3
+    assert set(lines[0]) >= {"epoch", "step", "seconds", "tokens_per_s", "train_loss",
+                             "train_ppl", "valid_loss", "valid_ppl", "lr"}
+
+
+def test_run_directory_layout(corpus, tmp_path):
+    run = tmp_path / "run"
+    results = run_training(tiny(corpus, max_steps=7, eval_interval=5), out=run, quiet=True)
+    assert sorted(p.name for p in run.iterdir()) == sorted(
+        [ckpt.CONFIG, ckpt.VOCAB, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS, ckpt.RESULTS])
+    assert results["stop_reason"] == "max_steps" and results["steps"] == 7
+    # Validated at step 5 and once more when stopping at step 7.
+    assert [m["step"] for m in metrics(run)] == [5, 7]
+    saved = json.loads((run / ckpt.RESULTS).read_text())
+    assert saved["test_ppl"] == pytest.approx(results["test_ppl"])
+    cfg, vocab_size = ckpt.read_run_config(run)
+    assert cfg.max_steps == 7 and vocab_size == len((run / ckpt.VOCAB).read_text().split("\n")) - 1
+
+
+def test_test_perplexity_is_that_of_the_best_weights(corpus, tmp_path):
+    run = tmp_path / "run"
+    results = run_training(tiny(corpus, epochs=3), out=run, quiet=True)
+    from lstmlm.data import batchify, load_corpus
+    from lstmlm.evaluate import evaluate
+    _, _, model = ckpt.load_run(run)
+    loss, _ = evaluate(model, batchify(load_corpus(corpus).test, 2), 10)
+    assert loss == pytest.approx(results["test_loss"], rel=1e-6)
+    best = min(m["valid_loss"] for m in metrics(run))
+    assert results["best_valid_loss"] == pytest.approx(best)
+
+
+@pytest.mark.parametrize("stop_at", [4, 5])  # at a validation, and between two
+def test_resume_gives_the_same_losses(corpus, tmp_path, stop_at):
+    cfg = dict(epochs=2, eval_interval=6, dropout_output=0.3, lr_decay=2.0)
+    straight = run_training(tiny(corpus, **cfg), out=tmp_path / "a", quiet=True)
+    run_training(tiny(corpus, max_steps=stop_at, **cfg), out=tmp_path / "b", quiet=True)
+    resumed = run_training(resume=tmp_path / "b", overrides={"max_steps": 0}, quiet=True)
+    assert resumed["steps"] == straight["steps"]
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
+    a = {m["step"]: m for m in metrics(tmp_path / "a")}
+    b = {m["step"]: m for m in metrics(tmp_path / "b")}
+    later = [s for s in a if s > stop_at]
+    assert later
+    for s in later:
+        assert b[s]["valid_loss"] == pytest.approx(a[s]["valid_loss"], rel=1e-6)
+        assert b[s]["train_loss"] == pytest.approx(a[s]["train_loss"], rel=1e-6)
+        assert b[s]["lr"] == a[s]["lr"]
+
+
+def test_same_seed_same_numbers(corpus, tmp_path):
+    one = run_training(tiny(corpus, dropout_output=0.3), out=tmp_path / "a", quiet=True)
+    two = run_training(tiny(corpus, dropout_output=0.3), out=tmp_path / "b", quiet=True)
+    other = run_training(tiny(corpus, dropout_output=0.3, seed=4), out=tmp_path / "c", quiet=True)
+    assert one["test_loss"] == two["test_loss"] != other["test_loss"]
+
+
+def test_lr_decays_on_plateau(corpus, tmp_path):
+    # lr so high that validation gets worse: every non-improving check divides it by 4.
+    run_training(tiny(corpus, epochs=4, lr=50.0, clip=0.0), out=tmp_path / "run", quiet=True)
+    lrs = [m["lr"] for m in metrics(tmp_path / "run")]
+    assert any(b == a / 4 for a, b in zip(lrs, lrs[1:]))
+
+
+def test_time_budget_stops_cleanly(corpus, tmp_path):
+    results = run_training(tiny(corpus, epochs=1000, max_minutes=0.02), out=tmp_path / "run",
+                           quiet=True)
+    assert results["stop_reason"] == "max_minutes"
+    assert (tmp_path / "run" / ckpt.WEIGHTS).is_file() and results["test_ppl"] > 1
+
+
+def test_adam_and_adamw_train(corpus, tmp_path):
+    for opt in ("adam", "adamw"):
+        r = run_training(tiny(corpus, optimizer=opt, lr=0.01, max_steps=3), out=tmp_path / opt,
+                         quiet=True)
+        assert r["steps"] == 3
+
+
+def test_resume_refuses_other_changes(corpus, tmp_path):
+    run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=True)
+    with pytest.raises(ConfigError, match="cannot change hidden_size"):
+        run_training(resume=tmp_path / "run", overrides={"hidden_size": 64}, quiet=True)
+
+
+def test_existing_run_is_not_overwritten(corpus, tmp_path):
+    run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=True)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
+    with pytest.raises(LstmlmError, match="already holds a run"):
+        run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()} == before
+
+
+def test_bptt_longer_than_the_data(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="bptt 5000 is longer"):
+        run_training(tiny(corpus, bptt=5000), out=tmp_path / "run", quiet=True)
+
+
+def test_sigint_saves_and_resume_continues_mid_epoch(corpus, tmp_path):
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "lstmlm", "train", "--data", str(corpus), "--out", str(run),
+         "--embedding-size", "24", "--hidden-size", "32", "--num-layers", "1",
+         "--batch-size", "2", "--bptt", "5", "--epochs", "1000", "--lr", "1.0"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    deadline = time.monotonic() + 60
+    while not (run / ckpt.METRICS).exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # wait until the first epoch has been validated
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 0, err
+    assert "--resume" in err and "Traceback" not in err
+    tensors, meta = ckpt.read_tensors(run / ckpt.STATE)
+    state = json.loads(meta["trainer"])
+    assert state["step"] > 0
+    results = run_training(resume=run, overrides={"max_steps": state["step"] + 3}, quiet=True)
+    assert results["steps"] == state["step"] + 3
+
+
+def test_checkpoint_round_trip_gives_identical_logits(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny(corpus, max_steps=3), out=run, quiet=True)
+    _, _, model = ckpt.load_run(run)
+    weights, _ = ckpt.read_tensors(run / ckpt.WEIGHTS)
+    tokens = torch.randint(0, 10, (6, 2))
+    _, _, again = ckpt.load_run(run)
+    a, _ = model(tokens, model.init_hidden(2))
+    b, _ = again(tokens, again.init_hidden(2))
+    assert torch.equal(a, b)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
