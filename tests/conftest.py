@@ -2,6 +2,11 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
+
+# The tests use tiny models, which only lose time to threads waiting for each other.
+torch.set_num_threads(1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the CLI subprocesses
 
 
 @pytest.fixture(scope="session")
@@ -18,3 +23,39 @@ def shared_data() -> Path:
             pytest.fail(message)
         pytest.skip(message)
     return root
+
+
+# Five sentences without shared words: a tiny LSTM learns their word order in one epoch.
+TINY_SENTENCES = ("the cat sat on the mat", "a dog ate my bone", "some birds sang in trees",
+                  "his fish swam through ponds", "our cow grazed near hills")
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    """A data directory (train/valid/test.txt) of the TINY_SENTENCES in a seeded random order."""
+    import random
+
+    directory = tmp_path_factory.mktemp("tiny_corpus")
+    rng = random.Random(0)
+    for split, lines in (("train", 1200), ("valid", 100), ("test", 100)):
+        text = "".join(rng.choice(TINY_SENTENCES) + "\n" for _ in range(lines))
+        (directory / f"{split}.txt").write_text(text, encoding="utf-8")
+    return directory
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tiny_corpus, tmp_path_factory) -> Path:
+    """A run directory trained for one epoch on `tiny_corpus` (about a second on one thread).
+
+    Treat it as read-only: copy it (shutil.copytree) before damaging or resuming it.
+    """
+    from lstmlm.config import Config
+    from lstmlm.train import run_training
+
+    root = tmp_path_factory.mktemp("tiny_run")
+    cfg = Config(data=str(tiny_corpus), embedding_size=16, hidden_size=16, num_layers=1,
+                 batch_size=4, bptt=8, valid_batch_size=2, test_batch_size=2, epochs=1, lr=1.0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LSTMLM_CACHE", str(root / "cache"))
+        run_training(cfg, out=root / "run", quiet=True)
+    return root / "run"

@@ -55,7 +55,8 @@ def test_dropout_only_in_training():
 def test_loss_is_mean_cross_entropy():
     model = LSTMLM(small(), vocab_size=30).eval()
     tokens, targets = torch.randint(0, 30, (5, 2)), torch.randint(0, 30, (10,))
-    loss, _ = model.loss(tokens, targets, model.init_hidden(2))
+    loss, penalty, _ = model.loss(tokens, targets, model.init_hidden(2))
+    assert penalty.item() == 0
     logits, _ = model(tokens, model.init_hidden(2))
     log_probs = torch.log_softmax(logits.view(-1, 30), -1)
     assert torch.allclose(loss, -log_probs[torch.arange(10), targets].mean())

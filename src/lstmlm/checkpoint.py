@@ -127,8 +127,14 @@ def read_vocab(run_dir: Path, vocab_size: int) -> Vocab:
     return vocab
 
 
+def model_tensors(model: LSTMLM) -> dict[str, torch.Tensor]:
+    """The weights to save: each parameter once (a tied embedding/decoder matrix is stored
+    under its first name only, as safetensors refuses shared storage)."""
+    return {name: p.detach() for name, p in model.named_parameters()}
+
+
 def load_weights(model: LSTMLM, tensors: dict[str, torch.Tensor], source: Path) -> None:
-    expected = model.state_dict()
+    expected = model_tensors(model)
     missing = sorted(set(expected) - set(tensors))
     unexpected = sorted(set(tensors) - set(expected))
     wrong = [k for k in expected if k in tensors and tensors[k].shape != expected[k].shape]
@@ -138,7 +144,7 @@ def load_weights(model: LSTMLM, tensors: dict[str, torch.Tensor], source: Path) 
                   f"{wrong[0]} has shape {tuple(tensors[wrong[0]].shape)}, the config implies "
                   f"{tuple(expected[wrong[0]].shape)}")
         raise RunDirError(f"{source}: weights do not match {CONFIG} ({detail})")
-    model.load_state_dict(tensors)
+    model.load_state_dict(tensors, strict=False)  # strict would ask for the tied copy too
 
 
 def load_run(run_dir: Path) -> tuple[Config, Vocab, LSTMLM]:

@@ -74,8 +74,9 @@ def cmd_evaluate(args) -> None:
     cfg, vocab, model = load_run(Path(args.run_dir))
     files = find_split_files(resolve_data(args.data or cfg.data))
     ids, unknown = vocab.encode(read_lines(files[args.split]))
-    batch_size = args.batch_size or (cfg.valid_batch_size if args.split == "valid"
-                                     else cfg.test_batch_size)
+    batch_size = args.batch_size
+    if batch_size is None:  # not `or`: --batch-size 0 is a mistake, not the default
+        batch_size = cfg.valid_batch_size if args.split == "valid" else cfg.test_batch_size
     if batch_size < 1:
         raise LstmlmError(f"--batch-size must be at least 1, got {batch_size}")
     loss, tokens = evaluate(model, batchify(ids, batch_size), cfg.bptt)
@@ -99,9 +100,11 @@ def cmd_generate(args) -> None:
                    args.top_p, args.num_samples, args.seed)
     if args.num_samples == 1:  # stream each word as soon as it is sampled
         print(args.prompt.rstrip(), end="", flush=True)
+        space = " "
         for ids in steps:
             word = lm.vocab.words[ids[0]]
-            print("\n" if word == "<eos>" else " " + word, end="", flush=True)
+            print("\n" if word == "<eos>" else space + word, end="", flush=True)
+            space = "" if word == "<eos>" else " "  # no space at the start of a line
         print()
         return
     import torch

@@ -45,6 +45,16 @@ class Config:
     dropout_input: float = _f(0.2, "dropout on the embedding output")
     dropout_hidden: float = _f(0.2, "dropout between LSTM layers")
     dropout_output: float = _f(0.2, "dropout on the last LSTM layer's output, before the decoder")
+    last_hidden_size: int = _f(0, "size of the last LSTM layer (0: hidden_size)")
+    # AWD-LSTM techniques (all off in the baseline)
+    variational_dropout: bool = _f(False, "the three dropouts use one mask per sequence")
+    dropout_embedding: float = _f(0.0, "drop whole word types from the embedding matrix")
+    weight_drop: float = _f(0.0, "DropConnect on the LSTM hidden-to-hidden weights")
+    tie_weights: bool = _f(False, "the decoder uses the embedding matrix")
+    variable_bptt: bool = _f(False, "random BPTT length around bptt, lr scaled by length/bptt")
+    bptt_max_extra: int = _f(10, "with variable_bptt, never longer than bptt + this")
+    ar_alpha: float = _f(0.0, "activation regularization weight (AR)")
+    tar_beta: float = _f(0.0, "temporal activation regularization weight (TAR)")
     # optimization
     optimizer: str = _f("sgd", "sgd, adam or adamw")
     lr: float = _f(0.5, "learning rate")
@@ -54,6 +64,9 @@ class Config:
     lr_decay: float = _f(4.0, "divide the learning rate by this when validation stops improving")
     lr_patience: int = _f(0, "validations without improvement tolerated before decaying")
     min_lr: float = _f(0.0, "never decay the learning rate below this")
+    ntasgd: bool = _f(False, "switch from SGD to averaged SGD when validation stops improving")
+    nonmono: int = _f(5, "NT-ASGD: checks a new loss must beat (non-monotone interval)")
+    finetune: bool = _f(False, "averaged SGD from the start, stop when it stops improving")
     # schedule and budget
     epochs: int = _f(40, "passes over the training split")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
@@ -80,6 +93,11 @@ class Config:
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
+    @property
+    def output_size(self) -> int:
+        """Size of the last LSTM layer, which feeds the decoder."""
+        return self.last_hidden_size or self.hidden_size
+
     # ---- checks -------------------------------------------------------------------------
 
     def validate(self) -> None:
@@ -90,13 +108,21 @@ class Config:
         for name in ("batch_size", "bptt", "valid_batch_size", "test_batch_size",
                      "embedding_size", "hidden_size", "num_layers", "epochs"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("dropout_input", "dropout_hidden", "dropout_output"):
+        for name in ("dropout_input", "dropout_hidden", "dropout_output", "dropout_embedding",
+                     "weight_drop"):
             p = getattr(self, name)
             need(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
         for name in ("momentum", "weight_decay", "clip", "max_steps", "max_minutes",
-                     "eval_interval", "checkpoint_minutes", "lr_patience", "min_lr"):
+                     "eval_interval", "checkpoint_minutes", "lr_patience", "min_lr",
+                     "last_hidden_size", "bptt_max_extra", "ar_alpha", "tar_beta"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.nonmono >= 1, f"nonmono must be at least 1, got {self.nonmono}")
+        need(not self.tie_weights or self.output_size == self.embedding_size,
+             f"tie_weights needs the last LSTM layer's size ({self.output_size}) to equal "
+             f"embedding_size ({self.embedding_size}); set last_hidden_size={self.embedding_size}")
+        need(not (self.ntasgd or self.finetune) or self.optimizer == "sgd",
+             "ntasgd and finetune average SGD iterates; set optimizer=sgd")
         need(self.lr_decay >= 1, f"lr_decay must be >= 1 (1: never decay), got {self.lr_decay}")
         need(self.optimizer in ("sgd", "adam", "adamw"),
              f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
@@ -187,4 +213,7 @@ def load_preset(name: str) -> Config:
         hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(f"unknown preset {name!r}: {hint}`lstmlm presets` lists them")
     _, values = read_preset_file(path)
-    return Config.from_dict(values, source=f"preset {name}")
+    base = values.pop("base", None)
+    cfg = load_preset(base) if base else Config()
+    cfg.update(values, source=f"preset {name}")
+    return cfg

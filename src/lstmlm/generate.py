@@ -17,7 +17,7 @@ def check_sampling(max_tokens: int, temperature: float, top_k: int, top_p: float
                    num_samples: int) -> None:
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise LstmlmError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT:,}, got {max_tokens}")
-    if temperature < 0:
+    if not temperature >= 0:  # also refuses nan
         raise LstmlmError(f"temperature must be >= 0 (0: greedy), got {temperature}")
     if top_k < 0:
         raise LstmlmError(f"top-k must be >= 0 (0: off), got {top_k}")
@@ -63,7 +63,10 @@ def sample(model: LSTMLM, prompt_ids: list[int], max_tokens: int, temperature: f
     model.eval()
     device = model.decoder.weight.device
     generator = torch.Generator(device=device)
-    generator.manual_seed(seed if seed is not None else torch.seed())
+    if seed is None:
+        generator.seed()  # not torch.seed(), which would reseed the global generator
+    else:
+        generator.manual_seed(seed)
     prompt = torch.tensor(prompt_ids, device=device).unsqueeze(1)
     logits, hidden = model(prompt, model.init_hidden(1))
     logits = logits[-1].expand(num_samples, -1)

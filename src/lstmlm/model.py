@@ -1,14 +1,17 @@
-"""The LSTM language model: embedding -> dropout -> stacked LSTM -> dropout -> linear decoder."""
+"""The LSTM language model: embedding -> dropout -> stacked LSTM -> dropout -> linear decoder,
+with AWD-LSTM's regularizers as switches (all off in the plain baseline)."""
 
 from __future__ import annotations
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.func import functional_call
 
 from .config import Config
+from .regularizers import activation_penalty, drop_connect, embedding_dropout, locked_dropout
 
-# (h, c) for each layer, each of shape (1, batch, hidden)
+# (h, c) for each layer, each of shape (1, batch, layer size)
 Hidden = list[tuple[torch.Tensor, torch.Tensor]]
 
 
@@ -16,7 +19,9 @@ class LSTMLM(nn.Module):
     """Word-level LSTM language model.
 
     The layers are separate single-layer `nn.LSTM`s (each one fused kernel over time) so that
-    each layer can have its own size and its own regularization.
+    each layer can have its own size, and weight drop can hand each layer a dropped copy of its
+    `weight_hh_l0` for one forward pass (`torch.func.functional_call`): the kernel stays fused
+    and the gradient flows back to the registered weight.
     """
 
     def __init__(self, cfg: Config, vocab_size: int):
@@ -24,11 +29,13 @@ class LSTMLM(nn.Module):
         self.cfg = cfg
         self.vocab_size = vocab_size
         self.embedding = nn.Embedding(vocab_size, cfg.embedding_size)
-        sizes = [cfg.embedding_size] + [cfg.hidden_size] * cfg.num_layers
+        sizes = [cfg.embedding_size] + [cfg.hidden_size] * (cfg.num_layers - 1) + [cfg.output_size]
         self.layers = nn.ModuleList(
             nn.LSTM(sizes[i], sizes[i + 1]) for i in range(cfg.num_layers))
-        self.decoder = nn.Linear(cfg.hidden_size, vocab_size)
+        self.decoder = nn.Linear(cfg.output_size, vocab_size)
         self.reset_parameters()
+        if cfg.tie_weights:
+            self.decoder.weight = self.embedding.weight
 
     def reset_parameters(self) -> None:
         # As in the reference implementations: small uniform embedding/decoder, zero decoder bias.
@@ -41,29 +48,48 @@ class LSTMLM(nn.Module):
         return [(weight.new_zeros(1, batch_size, layer.hidden_size),
                  weight.new_zeros(1, batch_size, layer.hidden_size)) for layer in self.layers]
 
-    def features(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """Last layer's (dropped-out) output for tokens of shape (time, batch)."""
+    def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
+        if self.cfg.variational_dropout:
+            return locked_dropout(x, p, self.training)
+        return F.dropout(x, p, self.training)
+
+    def run_layer(self, i: int, x: torch.Tensor, state):
+        layer = self.layers[i]
+        if self.training and self.cfg.weight_drop > 0:
+            dropped = drop_connect(layer.weight_hh_l0, self.cfg.weight_drop, True)
+            return functional_call(layer, {"weight_hh_l0": dropped}, (x, state))
+        return layer(x, state)
+
+    def features(self, tokens: torch.Tensor, hidden: Hidden):
+        """Last layer's output for tokens (time, batch): (after dropout, before dropout, state)."""
         cfg = self.cfg
-        x = F.dropout(self.embedding(tokens), cfg.dropout_input, self.training)
+        weight = embedding_dropout(self.embedding.weight, cfg.dropout_embedding, self.training)
+        x = self.dropout(F.embedding(tokens, weight), cfg.dropout_input)
         new_hidden = []
-        for i, layer in enumerate(self.layers):
-            x, state = layer(x, hidden[i])
+        for i in range(len(self.layers)):
+            x, state = self.run_layer(i, x, hidden[i])
             new_hidden.append(state)
             if i < len(self.layers) - 1:
-                x = F.dropout(x, cfg.dropout_hidden, self.training)
-        x = F.dropout(x, cfg.dropout_output, self.training)
-        return x, new_hidden
+                x = self.dropout(x, cfg.dropout_hidden)
+        return self.dropout(x, cfg.dropout_output), x, new_hidden
 
     def forward(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
         """Logits of shape (time, batch, vocab) and the new hidden state."""
-        x, hidden = self.features(tokens, hidden)
+        x, _, hidden = self.features(tokens, hidden)
         return self.decoder(x), hidden
 
-    def loss(self, tokens: torch.Tensor, targets: torch.Tensor,
-             hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """Mean cross-entropy of the next-token targets (flattened, time-major)."""
-        logits, hidden = self(tokens, hidden)
-        return F.cross_entropy(logits.view(-1, self.vocab_size), targets), hidden
+    def loss(self, tokens: torch.Tensor, targets: torch.Tensor, hidden: Hidden):
+        """(mean next-token cross-entropy, AR/TAR penalty, new hidden state).
+
+        Targets are flattened time-major. The penalty is zero unless training with AR/TAR on.
+        """
+        dropped, raw, hidden = self.features(tokens, hidden)
+        logits = self.decoder(dropped)
+        loss = F.cross_entropy(logits.view(-1, self.vocab_size), targets)
+        penalty = loss.new_zeros(())
+        if self.training and (self.cfg.ar_alpha or self.cfg.tar_beta):
+            penalty = activation_penalty(dropped, raw, self.cfg.ar_alpha, self.cfg.tar_beta)
+        return loss, penalty, hidden
 
 
 def detach(hidden: Hidden) -> Hidden:
@@ -72,4 +98,5 @@ def detach(hidden: Hidden) -> Hidden:
 
 
 def count_parameters(model: nn.Module) -> int:
+    """Distinct parameters (a tied embedding/decoder matrix counts once)."""
     return sum(p.numel() for p in model.parameters())

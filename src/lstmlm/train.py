@@ -9,6 +9,7 @@ follow are those of an uninterrupted run with the same seed.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -29,6 +30,7 @@ from .datasets import resolve_data
 from .errors import LstmlmError
 from .evaluate import evaluate, perplexity
 from .model import LSTMLM, Hidden, count_parameters, detach
+from .optim import WeightAverage, make_optimizer, nonmono_triggered
 
 # Fields a resumed run may change: its budget. Anything else would make it another run.
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "checkpoint_minutes")
@@ -49,6 +51,9 @@ class TrainState:
     validated_step: int = -1  # step of the last validation
     window_loss: float = 0.0  # sum of training losses since the last scheduled validation
     window_steps: int = 0
+    valid_history: list = dataclasses.field(default_factory=list)  # scheduled checks' losses
+    averaging_since: int = -1  # NT-ASGD: step at which weight averaging began (-1: not yet)
+    converged: bool = False  # fine-tuning: the non-monotone trigger fired
 
 
 def pick_device(name: str) -> torch.device:
@@ -59,14 +64,14 @@ def pick_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
-    params = model.parameters()
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
-                               weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+def sample_seq_len(cfg: Config) -> int:
+    """AWD-LSTM's variable BPTT: bptt (or bptt/2 with probability 0.05), jittered by N(0, 5),
+    at least 5 and at most bptt + bptt_max_extra. Uses torch's RNG, so resume replays it."""
+    if not cfg.variable_bptt:
+        return cfg.bptt
+    base = cfg.bptt if torch.rand(()).item() < 0.95 else cfg.bptt / 2
+    seq_len = max(5, int(torch.normal(float(base), 5.0, ()).item()))
+    return min(seq_len, cfg.bptt + cfg.bptt_max_extra)
 
 
 class Trainer:
@@ -86,13 +91,27 @@ class Trainer:
         self.model = LSTMLM(cfg, len(self.vocab)).to(self.device)
         self.optimizer = make_optimizer(cfg, self.model)
         self.state = TrainState()
+        self.average: WeightAverage | None = None
+        if cfg.finetune:
+            self.start_averaging()
         self.hidden: Hidden | None = None
         self.stop_signal: str | None = None
+
+    def start_averaging(self) -> None:
+        self.average = WeightAverage(self.model)
+        self.state.averaging_since = self.state.step
+
+    def best_weights(self):
+        """Context in which the model holds the weights to validate and save: the average
+        under NT-ASGD, else the current ones."""
+        return self.average.swapped_in() if self.average else contextlib.nullcontext()
 
     # ---- state on disk --------------------------------------------------------------------
 
     def save_state(self) -> None:
-        tensors = {f"model.{k}": v for k, v in self.model.state_dict().items()}
+        tensors = {f"model.{k}": v for k, v in ckpt.model_tensors(self.model).items()}
+        if self.average:
+            tensors.update({f"avg.{k}": v for k, v in self.average.mean.items()})
         for i, param_state in self.optimizer.state_dict()["state"].items():
             for key, value in param_state.items():
                 if torch.is_tensor(value):
@@ -104,7 +123,8 @@ class Trainer:
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {"trainer": json.dumps(dataclasses.asdict(self.state)),
-                "param_groups": json.dumps(self.optimizer.state_dict()["param_groups"])}
+                "param_groups": json.dumps(self.optimizer.state_dict()["param_groups"]),
+                "avg_count": str(self.average.count if self.average else 0)}
         self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.STATE, tensors, meta))
 
     def load_state(self) -> None:
@@ -126,6 +146,11 @@ class Trainer:
         layers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("hidden.")})
         self.hidden = [(tensors[f"hidden.{i}.h"].to(self.device),
                         tensors[f"hidden.{i}.c"].to(self.device)) for i in layers] or None
+        if self.state.averaging_since >= 0:
+            self.average = WeightAverage(self.model)
+            for k in self.average.mean:
+                self.average.mean[k].copy_(tensors[f"avg.{k}"])
+            self.average.count = int(meta["avg_count"])
         torch.set_rng_state(tensors["rng.cpu"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
@@ -153,15 +178,16 @@ class Trainer:
         """Validate, keep the best weights, log a metrics line; with `schedule`, decay the lr
         on a plateau (the extra validation at a stop does not, so resumed runs match)."""
         cfg, st = self.cfg, self.state
-        valid_loss, _ = evaluate(self.model, self.valid_data, cfg.bptt)
+        with self.best_weights():
+            valid_loss, _ = evaluate(self.model, self.valid_data, cfg.bptt)
+            improved = valid_loss < st.best_valid_loss
+            if improved:
+                st.best_valid_loss = valid_loss
+                self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.WEIGHTS,
+                                                       ckpt.model_tensors(self.model)))
         self.model.train()
-        improved = valid_loss < st.best_valid_loss
-        if improved:
-            st.best_valid_loss = valid_loss
-            self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.WEIGHTS,
-                                                   self.model.state_dict()))
         if schedule:
-            self.decay_on_plateau(valid_loss)
+            self.schedule(valid_loss)
         st.validated_step = st.step
         record = {"epoch": self.epochs_done(), "step": st.step, "seconds": round(st.seconds, 2),
                   "tokens_per_s": round(tokens_per_s, 1), "train_loss": train_loss,
@@ -175,6 +201,18 @@ class Trainer:
 
     def epochs_done(self) -> float:
         return round(self.state.epoch + self.state.position / (self.train_data.size(0) - 1), 3)
+
+    def schedule(self, valid_loss: float) -> None:
+        """What a scheduled validation decides: NT-ASGD's switch, fine-tuning's stop, lr decay."""
+        cfg, st = self.cfg, self.state
+        if nonmono_triggered(st.valid_history, valid_loss, cfg.nonmono):
+            if cfg.finetune:
+                st.converged = True
+            elif cfg.ntasgd and self.average is None:
+                self.start_averaging()
+                self.log(f"step {st.step}: validation stopped improving, switching to averaged SGD")
+        st.valid_history.append(valid_loss)
+        self.decay_on_plateau(valid_loss)
 
     def decay_on_plateau(self, valid_loss: float) -> None:
         cfg, st = self.cfg, self.state
@@ -190,10 +228,24 @@ class Trainer:
 
     # ---- the loop -------------------------------------------------------------------------
 
+    def step_optimizer(self, seq_len: int) -> None:
+        """One optimizer step; under variable BPTT the lr is scaled by seq_len / bptt for it."""
+        lr = self.lr
+        scale = seq_len / self.cfg.bptt if self.cfg.variable_bptt else 1.0
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * scale
+        self.optimizer.step()
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        if self.average:
+            self.average.update()
+
     def stop_reason(self, started: float) -> str | None:
         cfg, st = self.cfg, self.state
         if self.stop_signal:
             return "interrupted"
+        if st.converged:
+            return "converged"
         if st.epoch >= cfg.epochs:
             return "epochs"
         if cfg.max_steps and st.step >= cfg.max_steps:
@@ -216,13 +268,13 @@ class Trainer:
             if st.position == 0 or self.hidden is None:
                 self.hidden = model.init_hidden(cfg.batch_size)
             t0 = time.monotonic()
-            inputs, targets = get_batch(self.train_data, st.position, cfg.bptt)
-            loss, hidden = model.loss(inputs, targets, detach(self.hidden))
+            inputs, targets = get_batch(self.train_data, st.position, sample_seq_len(cfg))
+            loss, penalty, hidden = model.loss(inputs, targets, detach(self.hidden))
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            (loss + penalty).backward()
             if cfg.clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            self.optimizer.step()
+            self.step_optimizer(inputs.size(0))
             self.hidden = detach(hidden)
             loss_value = loss.item()
             if not math.isfinite(loss_value):
@@ -270,14 +322,17 @@ class Trainer:
         self.save_state()
         return self.finish(reason)
 
+    def load_best(self) -> LSTMLM:
+        best = LSTMLM(self.cfg, len(self.vocab)).to(self.device)
+        path = self.run_dir / ckpt.WEIGHTS
+        tensors = ckpt.read_tensors(path)[0]
+        ckpt.load_weights(best, {k: v.to(self.device) for k, v in tensors.items()}, path)
+        return best
+
     def finish(self, reason: str) -> dict:
         """Test the best weights and write results.json."""
         cfg, st = self.cfg, self.state
-        best = LSTMLM(cfg, len(self.vocab)).to(self.device)
-        path = self.run_dir / ckpt.WEIGHTS
-        ckpt.load_weights(best, {k: v.to(self.device) for k, v in ckpt.read_tensors(path)[0].items()},
-                          path)
-        test_loss, test_tokens = evaluate(best, self.test_data, cfg.bptt)
+        test_loss, test_tokens = evaluate(self.load_best(), self.test_data, cfg.bptt)
         results = {
             "stop_reason": reason, "epochs": self.epochs_done(),
             "steps": st.step, "train_minutes": round(st.seconds / 60, 2),
@@ -286,6 +341,7 @@ class Trainer:
             "parameters": count_parameters(self.model),
             "best_valid_loss": st.best_valid_loss, "best_valid_ppl": perplexity(st.best_valid_loss),
             "test_loss": test_loss, "test_ppl": perplexity(test_loss), "test_tokens": test_tokens,
+            "averaging_since_step": st.averaging_since,
         }
         self._write(lambda: ckpt.write_json(self.run_dir / ckpt.RESULTS, results))
         self.log(f"stopped ({reason}) after {st.step} steps, {results['train_minutes']} min | "
@@ -319,6 +375,24 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
+def _corpus_of(run_dir: Path, cfg: Config, vocab_size: int) -> Corpus:
+    """The corpus an existing run was trained on; refuses data with another vocabulary."""
+    corpus = load_corpus(resolve_data(cfg.data))
+    if ckpt.read_vocab(run_dir, vocab_size).words != corpus.vocab.words:
+        raise ckpt.RunDirError(
+            f"{run_dir} was trained with another vocabulary than {cfg.data} gives "
+            f"({vocab_size} vs {len(corpus.vocab)} words); use the run's original data")
+    return corpus
+
+
+def _train(trainer: Trainer, corpus: Corpus) -> dict:
+    trainer.log(f"{trainer.cfg.data}: {corpus.summary()}")
+    trainer.log(f"model: {count_parameters(trainer.model):,} parameters | "
+                f"run directory {trainer.run_dir}")
+    with _StopOnSignal(trainer):
+        return trainer.train()
+
+
 def run_training(cfg: Config | None = None, out: Path | None = None, resume: Path | None = None,
                  overrides: dict | None = None, quiet: bool = False) -> dict:
     """Start a new run in `out` with `cfg`, or continue the run in `resume`.
@@ -326,35 +400,43 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
     On resume only the budget fields (RESUMABLE_OVERRIDES) may be overridden.
     """
     overrides = overrides or {}
-    if resume is not None:
-        run_dir = Path(resume)
-        cfg, vocab_size = ckpt.read_run_config(run_dir)
-        changed = sorted(k for k, v in overrides.items() if getattr(cfg, k) != v)
-        frozen = [k for k in changed if k not in RESUMABLE_OVERRIDES]
-        if frozen:
-            raise ConfigError(
-                f"cannot change {', '.join(frozen)} when resuming; only the budget "
-                f"({', '.join(RESUMABLE_OVERRIDES)}) can change")
+    if resume is None:
         cfg.update(overrides)
-        if not (run_dir / ckpt.STATE).is_file():
-            raise ckpt.RunDirError(f"{run_dir} has no {ckpt.STATE}: nothing to resume")
-    else:
-        cfg.update(overrides)
-        run_dir = Path(out)
-    corpus = load_corpus(resolve_data(cfg.data))
-    if resume is not None:
-        ckpt.read_vocab(run_dir, vocab_size)  # the corpus must still be the one trained on
-        if vocab_size != len(corpus.vocab):
-            raise ckpt.RunDirError(
-                f"{run_dir} was trained on a vocabulary of {vocab_size} words, but {cfg.data} "
-                f"gives {len(corpus.vocab)}; resume with the original data")
+        corpus = load_corpus(resolve_data(cfg.data))
+        trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
+        ckpt.create_run_dir(Path(out), cfg, corpus.vocab)
+        return _train(trainer, corpus)
+    run_dir = Path(resume)
+    cfg, vocab_size = ckpt.read_run_config(run_dir)
+    frozen = sorted(k for k, v in overrides.items()
+                    if getattr(cfg, k) != v and k not in RESUMABLE_OVERRIDES)
+    if frozen:
+        raise ConfigError(
+            f"cannot change {', '.join(frozen)} when resuming; only the budget "
+            f"({', '.join(RESUMABLE_OVERRIDES)}) can change")
+    cfg.update(overrides)
+    if not (run_dir / ckpt.STATE).is_file():
+        raise ckpt.RunDirError(f"{run_dir} has no {ckpt.STATE}: nothing to resume")
+    corpus = _corpus_of(run_dir, cfg, vocab_size)
     trainer = Trainer(cfg, corpus, run_dir, quiet=quiet)
-    if resume is not None:
-        trainer.load_state()
-        ckpt.write_config(run_dir, cfg, vocab_size)
-    else:
-        ckpt.create_run_dir(run_dir, cfg, corpus.vocab)
-    trainer.log(f"{cfg.data}: {corpus.summary()}")
-    trainer.log(f"model: {count_parameters(trainer.model):,} parameters | run directory {run_dir}")
-    with _StopOnSignal(trainer):
-        return trainer.train()
+    trainer.load_state()
+    ckpt.write_config(run_dir, cfg, vocab_size)
+    return _train(trainer, corpus)
+
+
+def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None = None,
+                 quiet: bool = False) -> dict:
+    """AWD-LSTM fine-tuning: restart averaged SGD from a run's best weights until validation
+    stops improving (the NT-ASGD trigger), in a new run directory (default RUN_DIR-finetune).
+    The base run is only read."""
+    run_dir = Path(run_dir)
+    cfg, vocab_size = ckpt.read_run_config(run_dir)
+    cfg.update({"finetune": True, "ntasgd": True, **(overrides or {})})
+    out = Path(out) if out else run_dir.with_name(run_dir.name + "-finetune")
+    corpus = _corpus_of(run_dir, cfg, vocab_size)
+    trainer = Trainer(cfg, corpus, out, quiet=quiet)
+    path = run_dir / ckpt.WEIGHTS
+    ckpt.load_weights(trainer.model, ckpt.read_tensors(path)[0], path)
+    trainer.start_averaging()
+    ckpt.create_run_dir(out, cfg, corpus.vocab)
+    return _train(trainer, corpus)

@@ -1,0 +1,60 @@
+"""Optimizers: SGD/Adam/AdamW, and NT-ASGD's pieces (the trigger and the weight average).
+
+NT-ASGD (Merity et al. 2017) trains with plain SGD until validation stops improving, then
+keeps training with the same SGD steps while averaging the weights; the average is what gets
+validated, saved and tested. The average is kept here explicitly rather than through
+`torch.optim.ASGD`, whose `ax` state has changed meaning between PyTorch versions.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+
+import torch
+
+from .config import Config
+
+
+def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
+    params = model.parameters()
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
+                               weight_decay=cfg.weight_decay)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def nonmono_triggered(history: list[float], loss: float, nonmono: int) -> bool:
+    """True when `loss` is worse than the best of the checks made more than `nonmono` checks
+    ago (`history` holds the earlier checks' losses, oldest first)."""
+    return len(history) > nonmono and loss > min(history[:-nonmono])
+
+
+class WeightAverage:
+    """Running mean of the model's parameters over the optimizer steps since it was created."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = dict(model.named_parameters())
+        self.mean = {k: p.detach().clone() for k, p in self.params.items()}
+        self.count = 0
+
+    @torch.no_grad()
+    def update(self) -> None:
+        self.count += 1
+        for name, p in self.params.items():
+            self.mean[name].add_(p - self.mean[name], alpha=1.0 / self.count)
+
+    @contextmanager
+    def swapped_in(self):
+        """Temporarily give the model the averaged weights (to validate or save them)."""
+        with torch.no_grad():
+            current = {k: p.detach().clone() for k, p in self.params.items()}
+            for k, p in self.params.items():
+                p.copy_(self.mean[k])
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for k, p in self.params.items():
+                    p.copy_(current[k])

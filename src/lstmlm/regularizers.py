@@ -1,0 +1,52 @@
+"""AWD-LSTM's regularizers (Merity et al. 2017), each a plain function of tensors.
+
+All of them are identity functions (or zero) when not training, so evaluation is deterministic.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Variational dropout: one mask per sequence, shared by all time steps.
+
+    `x` is (time, batch, features); the mask is (1, batch, features), scaled by 1/(1-p).
+    """
+    if not training or p == 0:
+        return x
+    mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)
+    return x * mask
+
+
+def embedding_dropout(weight: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """Drop whole word types: zero rows of the embedding matrix, rescale the rest by 1/(1-p).
+
+    A dropped word is dropped at every position of the batch where it occurs.
+    """
+    if not training or p == 0:
+        return weight
+    mask = weight.new_empty(weight.size(0), 1).bernoulli_(1 - p) / (1 - p)
+    return weight * mask
+
+
+def drop_connect(weight: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+    """DropConnect on a weight matrix (AWD-LSTM's weight drop on `weight_hh`): one mask per
+    call, so one per forward pass, shared by every time step of the fused LSTM kernel."""
+    return F.dropout(weight, p, training) if p > 0 else weight
+
+
+def activation_penalty(dropped_output: torch.Tensor, raw_output: torch.Tensor,
+                       alpha: float, beta: float) -> torch.Tensor:
+    """AR + TAR on the last LSTM layer's output (time, batch, features):
+
+    AR  = alpha * mean(dropped_output²)          keeps activations small
+    TAR = beta  * mean((h_t - h_{t-1})²)         keeps them slowly changing (on the raw output)
+    """
+    penalty = dropped_output.new_zeros(())
+    if alpha:
+        penalty = penalty + alpha * dropped_output.pow(2).mean()
+    if beta and raw_output.size(0) > 1:
+        penalty = penalty + beta * (raw_output[1:] - raw_output[:-1]).pow(2).mean()
+    return penalty

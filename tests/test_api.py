@@ -1,0 +1,129 @@
+"""The Python API: `lstmlm.load(run_dir)`, `.generate`, `.perplexity`."""
+
+import math
+import random
+
+import pytest
+import torch
+
+import lstmlm
+from lstmlm.data import EOS
+from lstmlm.errors import LstmlmError
+
+
+
+@pytest.fixture(autouse=True)
+def isolated_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_run):
+    return lstmlm.load(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def sentences(tiny_corpus) -> list[str]:
+    """The distinct lines of the training split."""
+    return sorted(set((tiny_corpus / "train.txt").read_text(encoding="utf-8").splitlines()))
+
+
+def test_load_returns_a_language_model(lm, tiny_run):
+    assert isinstance(lm, lstmlm.LanguageModel)
+    assert lm.run_dir == tiny_run
+    assert lm.config.hidden_size == 16 and len(lm.vocab) == lm.model.vocab_size
+    assert not lm.model.training  # eval mode: no dropout at inference
+
+
+def test_load_refuses_what_is_not_a_run(tmp_path):
+    with pytest.raises(LstmlmError, match="no such run directory"):
+        lstmlm.load(tmp_path / "nope")
+    with pytest.raises(LstmlmError, match="not an lstmlm run directory"):
+        lstmlm.load(tmp_path)
+
+
+def test_generate_returns_text_deterministic_by_seed(lm):
+    text = lm.generate("the cat", max_tokens=5, seed=1)
+    assert isinstance(text, str)
+    assert len(text.split()) + text.count("\n") == 5
+    assert lm.generate("the cat", max_tokens=5, seed=1) == text
+    assert lstmlm.load(lm.run_dir).generate("the cat", max_tokens=5, seed=1) == text
+    longer = {lm.generate("the cat", max_tokens=30, seed=seed) for seed in range(5)}
+    assert len(longer) > 1
+
+
+def test_generate_several_samples(lm):
+    texts = lm.generate("the cat", max_tokens=5, seed=1, num_samples=3)
+    assert isinstance(texts, list) and len(texts) == 3
+    assert all(isinstance(t, str) for t in texts)
+    assert lm.generate("the cat", max_tokens=5, seed=1, num_samples=3) == texts
+
+
+def test_generate_refuses_bad_arguments(lm):
+    with pytest.raises(LstmlmError, match="top-p"):
+        lm.generate("the cat", top_p=0)
+    with pytest.raises(LstmlmError, match="prompt is empty"):
+        lm.generate("  ")
+
+
+def test_perplexity_is_finite_and_above_one(lm, sentences):
+    for text in ["\n".join(sentences), sentences[0], "the zebra ate quinoa", ""]:
+        ppl = lm.perplexity(text)
+        assert math.isfinite(ppl) and ppl > 1, text
+
+
+def test_perplexity_prefers_the_training_word_order(lm, sentences):
+    corpus_like = "\n".join(sentences * 2)
+    words = corpus_like.split()
+    rng = random.Random(0)
+    shuffled = []
+    for _ in range(3):
+        rng.shuffle(words)
+        shuffled.append("\n".join(" ".join(words[i:i + 5]) for i in range(0, len(words), 5)))
+    reversed_lines = "\n".join(" ".join(s.split()[::-1]) for s in sentences * 2)
+    good = lm.perplexity(corpus_like)
+    for nonsense in shuffled + [reversed_lines]:
+        # Same words, same number of lines: only the order differs.
+        assert sorted(nonsense.split()) == sorted(words)
+        assert good < lm.perplexity(nonsense) / 2
+
+
+def perplexity_by_hand(lm, text: str) -> float:
+    """exp of the mean cross-entropy, feeding one token at a time from a fresh state after
+    `<eos>`; each line ends with `<eos>`."""
+    words = [w for line in text.split("\n") for w in line.split() + [EOS]]
+    ids = [lm.vocab.index.get(w, lm.vocab.unk_id) for w in words]
+    model = lm.model
+    hidden = model.init_hidden(1)
+    previous, nll = lm.vocab.eos_id, 0.0
+    with torch.no_grad():
+        for target in ids:
+            logits, hidden = model(torch.tensor([[previous]]), hidden)
+            nll -= torch.log_softmax(logits[0, 0].double(), dim=-1)[target].item()
+            previous = target
+    return math.exp(nll / len(ids))
+
+
+@pytest.mark.parametrize("text", [
+    "the cat sat on the mat",
+    "a dog ate my bone\nsome birds sang in trees",
+    "the cat ate quinoa",  # an unknown word is scored as <unk>
+    "the",
+])
+def test_perplexity_is_exp_of_the_cross_entropy(lm, text):
+    assert lm.perplexity(text) == pytest.approx(perplexity_by_hand(lm, text), rel=1e-5)
+
+
+def test_perplexity_ends_each_line_with_eos(lm):
+    # A trailing newline adds no line; an inner newline is an <eos> between the words.
+    assert lm.perplexity("the cat sat\n") == pytest.approx(lm.perplexity("the cat sat"))
+    assert lm.perplexity("a dog\nate") == pytest.approx(perplexity_by_hand(lm, "a dog\nate"),
+                                                        rel=1e-5)
+    assert lm.perplexity("a dog\nate") != pytest.approx(lm.perplexity("a dog ate"))
+
+
+def test_perplexity_does_not_depend_on_what_was_scored_before(lm):
+    first = lm.perplexity("the cat sat on the mat")
+    lm.perplexity("his fish swam through ponds\nour cow")
+    lm.generate("a dog", max_tokens=5, seed=0)
+    assert lm.perplexity("the cat sat on the mat") == first

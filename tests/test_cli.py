@@ -1,0 +1,442 @@
+"""The `lstmlm` command, run in-process: every user mistake is one line on stderr, no traceback."""
+
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from importlib import resources
+from pathlib import Path
+
+import pytest
+
+import lstmlm
+from lstmlm.cli import main
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+# Keeps `train` quick whenever it gets as far as building a model.
+SMALL = ["--embedding-size", "8", "--hidden-size", "8", "--num-layers", "1", "--batch-size", "2",
+         "--bptt", "4", "--valid-batch-size", "1", "--test-batch-size", "1", "--epochs", "1"]
+GOOD_SPLITS = {"train": "a b c d\ne f a b\n" * 10, "valid": "a b c\n" * 5, "test": "d e f\n" * 5}
+
+
+
+@pytest.fixture(autouse=True)
+def isolated(monkeypatch, tmp_path):
+    """No cache in the home directory, and no default `runs/` beside the tests."""
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def user_error(capsys, *argv) -> str:
+    """Run a command that must fail with exit status 1 and one line on stderr; that line."""
+    code, out, err = run(capsys, *argv)
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1 and err.endswith("\n"), err
+    assert lines[0].startswith("lstmlm: error: "), err
+    assert code == 1
+    assert out == ""
+    return lines[0]
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+def make_corpus(directory: Path, **splits) -> Path:
+    """A data directory with GOOD_SPLITS, except: split=None (no file) or split=bytes/str."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, content in {**GOOD_SPLITS, **splits}.items():
+        if content is None:
+            continue
+        path = directory / f"{split}.txt"
+        if isinstance(content, str):
+            path.write_text(content, encoding="utf-8")
+        else:
+            path.write_bytes(content)
+    return directory
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    """A copy of the tiny run, free to damage."""
+    return Path(shutil.copytree(tiny_run, tmp_path / "run_copy"))
+
+
+# ---- train: data mistakes ---------------------------------------------------------------------
+
+@pytest.mark.parametrize("splits, message", [
+    ({"valid": None}, "missing the valid split"),
+    ({"train": None}, "missing the train split"),
+    ({"test": ""}, "contains no words"),
+    ({"test": " \n\n\t\n"}, "contains no words"),
+    ({"train": b"a b c\n\x00\x01\x02 binary\n"}, "binary file"),
+    ({"valid": b"\xff\xfea\x00b\x00"}, "binary file"),  # UTF-16 text has NUL bytes
+    ({"valid": b"\xff\xfe hello world\n"}, "not UTF-8"),
+    ({"train": "caf\u00e9 ok\n".encode("latin-1")}, "not UTF-8"),
+])
+def test_train_refuses_bad_data_and_creates_no_run(capsys, tmp_path, splits, message):
+    data = make_corpus(tmp_path / "data", **splits)
+    line = user_error(capsys, "train", "--data", data, "--out", tmp_path / "run", *SMALL)
+    assert message in line
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_refuses_a_missing_data_directory(capsys, tmp_path):
+    line = user_error(capsys, "train", "--data", tmp_path / "nope", "--out", tmp_path / "run",
+                      *SMALL)
+    assert "no such directory" in line and str(tmp_path / "nope") in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_a_file_as_data_directory(capsys, tmp_path):
+    (tmp_path / "corpus.txt").write_text("a b c\n")
+    line = user_error(capsys, "train", "--data", tmp_path / "corpus.txt", "--out",
+                      tmp_path / "run", *SMALL)
+    assert "not a directory" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_refuses_too_little_data_for_the_batch_size(capsys, tmp_path):
+    data = make_corpus(tmp_path / "data", test="a\n")
+    line = user_error(capsys, "train", "--data", data, "--out", tmp_path / "run", *SMALL,
+                      "--test-batch-size", "5")
+    assert "too few for batch size 5" in line
+    assert not (tmp_path / "run").exists()
+
+
+# ---- train: configuration mistakes ------------------------------------------------------------
+
+@pytest.mark.parametrize("args, message", [
+    (["--preset", "nope"], "unknown preset 'nope'"),
+    (["--preset", "lstm-baselin"], "did you mean lstm-baseline?"),
+    (["--set", "hiden_size=10"], "did you mean hidden_size?"),
+    (["--set", "no_such_thing=1"], "unknown config key 'no_such_thing'"),
+    (["--set", "hidden_size"], "expected key=value"),
+    (["--set", "batch_size=abc"], "batch_size must be int, got 'abc'"),
+    (["--batch-size", "1.5"], "batch_size must be int, got '1.5'"),
+    (["--lr", "fast"], "lr must be float"),
+    (["--set", "dropout_output=1.5"], "dropout_output must be in [0, 1), got 1.5"),
+    (["--batch-size", "0"], "batch_size must be at least 1, got 0"),
+    (["--lr", "0"], "lr must be > 0"),
+    (["--optimizer", "rmsprop"], "optimizer must be sgd, adam or adamw"),
+    (["--device", "tpu"], "device must be cpu, cuda or auto"),
+])
+def test_train_refuses_bad_config_and_creates_no_run(capsys, tmp_path, args, message):
+    data = make_corpus(tmp_path / "data")
+    line = user_error(capsys, "train", "--data", data, "--out", tmp_path / "run", *SMALL, *args)
+    assert message in line
+    assert not (tmp_path / "run").exists()
+    assert not (tmp_path / "runs").exists()
+
+
+def test_train_refuses_a_bad_preset_file(capsys, tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("hidden_size = 'big'\n")
+    line = user_error(capsys, "train", "--preset", bad, "--out", tmp_path / "run")
+    assert "hidden_size must be int" in line
+    bad.write_text("hidden_size = [\n")
+    assert "invalid TOML" in user_error(capsys, "train", "--preset", bad, "--out", tmp_path / "r")
+    assert not (tmp_path / "run").exists()
+
+
+def test_train_does_not_overwrite_an_existing_run(capsys, run_copy, tiny_corpus):
+    before = snapshot(run_copy)
+    line = user_error(capsys, "train", "--data", tiny_corpus, "--out", run_copy, *SMALL)
+    assert "already holds a run" in line and "--resume" in line
+    assert snapshot(run_copy) == before
+
+
+def test_resume_refuses_a_changed_model(capsys, run_copy):
+    before = snapshot(run_copy)
+    line = user_error(capsys, "train", "--resume", run_copy, "--hidden-size", "32")
+    assert "cannot change hidden_size when resuming" in line
+    line = user_error(capsys, "train", "--resume", run_copy, "--set", "lr=0.1", "--set",
+                      "dropout_input=0.5")
+    assert "cannot change dropout_input, lr when resuming" in line
+    assert snapshot(run_copy) == before
+
+
+def test_resume_refuses_preset_and_out(capsys, run_copy, tmp_path):
+    before = snapshot(run_copy)
+    assert "drop --preset and --out" in user_error(
+        capsys, "train", "--resume", run_copy, "--out", tmp_path / "other")
+    assert snapshot(run_copy) == before
+    assert not (tmp_path / "other").exists()
+
+
+def test_resume_refuses_a_missing_run(capsys, tmp_path):
+    assert "no such run directory" in user_error(capsys, "train", "--resume", tmp_path / "nope")
+    assert not (tmp_path / "nope").exists()
+
+
+# ---- damaged or missing run directories -------------------------------------------------------
+
+def commands(run_dir):
+    """evaluate and generate on `run_dir`: both load the run first."""
+    return [["evaluate", run_dir], ["generate", run_dir, "--prompt", "the cat"]]
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_run_directory_that_does_not_exist(capsys, tmp_path, which):
+    line = user_error(capsys, *commands(tmp_path / "nope")[which])
+    assert "no such run directory" in line
+    assert not (tmp_path / "nope").exists()
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_directory_that_is_not_a_run(capsys, tmp_path, which):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("hello\n")
+    line = user_error(capsys, *commands(tmp_path / "notes")[which])
+    assert "is not an lstmlm run directory (no config.json)" in line
+
+
+@pytest.mark.parametrize("keep", [0, 7, 0.5, -1])
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_truncated_model_file(capsys, run_copy, keep, which):
+    path = run_copy / "model.safetensors"
+    data = path.read_bytes()
+    size = int(len(data) * keep) if isinstance(keep, float) else keep % len(data)
+    path.write_bytes(data[:size])
+    line = user_error(capsys, *commands(run_copy)[which])
+    assert "model.safetensors: damaged or not a safetensors file" in line
+
+
+def test_a_model_file_that_is_not_safetensors(capsys, run_copy):
+    (run_copy / "model.safetensors").write_text("not a tensor file at all\n")
+    assert "damaged or not a safetensors file" in user_error(capsys, "evaluate", run_copy)
+
+
+def test_a_missing_model_file(capsys, run_copy):
+    (run_copy / "model.safetensors").unlink()
+    assert "no model.safetensors yet" in user_error(capsys, "evaluate", run_copy)
+
+
+def test_weights_that_do_not_match_the_config(capsys, run_copy):
+    cfg = json.loads((run_copy / "config.json").read_text())
+    cfg["config"]["hidden_size"] = 32
+    (run_copy / "config.json").write_text(json.dumps(cfg))
+    assert "weights do not match config.json" in user_error(capsys, "evaluate", run_copy)
+
+
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_run_from_a_newer_lstmlm(capsys, run_copy, which):
+    cfg = json.loads((run_copy / "config.json").read_text())
+    cfg["format_version"] = 999
+    (run_copy / "config.json").write_text(json.dumps(cfg))
+    line = user_error(capsys, *commands(run_copy)[which])
+    assert "newer lstmlm (format 999" in line and "upgrade lstmlm" in line
+
+
+@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"format_version": 1}'])
+def test_a_damaged_config_file(capsys, run_copy, content):
+    (run_copy / "config.json").write_text(content)
+    assert "config.json: damaged" in user_error(capsys, "evaluate", run_copy)
+
+
+def test_a_config_file_with_a_bad_value(capsys, run_copy):
+    cfg = json.loads((run_copy / "config.json").read_text())
+    cfg["config"]["dropout_output"] = 2.0
+    (run_copy / "config.json").write_text(json.dumps(cfg))
+    assert "dropout_output must be in [0, 1)" in user_error(capsys, "evaluate", run_copy)
+
+
+@pytest.mark.parametrize("change", ["drop_one", "add_one"])
+@pytest.mark.parametrize("which", [0, 1])
+def test_a_vocabulary_of_the_wrong_size(capsys, run_copy, change, which):
+    path = run_copy / "vocab.txt"
+    words = path.read_text().split("\n")[:-1]
+    if change == "drop_one":
+        words.remove(next(w for w in words if w not in ("<eos>", "<unk>")))
+    else:
+        words.append("extra")
+    path.write_text("\n".join(words) + "\n")
+    line = user_error(capsys, *commands(run_copy)[which])
+    assert "vocab.txt" in line and "inconsistent" in line
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\x00junk", b"only words\nno markers\n"])
+def test_a_damaged_vocabulary(capsys, run_copy, content):
+    (run_copy / "vocab.txt").write_bytes(content)
+    assert "vocab.txt: damaged vocabulary file" in user_error(capsys, "evaluate", run_copy)
+
+
+def test_a_missing_vocabulary(capsys, run_copy):
+    (run_copy / "vocab.txt").unlink()
+    assert "vocab.txt: missing" in user_error(capsys, "generate", run_copy, "--prompt", "a")
+
+
+# ---- evaluate ---------------------------------------------------------------------------------
+
+def count_tokens(path: Path) -> int:
+    return sum(len(line.split()) + 1 for line in path.read_text().splitlines())
+
+
+def test_evaluate_json(capsys, tiny_run, tiny_corpus):
+    code, out, err = run(capsys, "evaluate", tiny_run, "--json")
+    assert code == 0 and err == ""
+    assert len(out.splitlines()) == 1
+    result = json.loads(out)
+    assert result["split"] == "test"
+    assert {"loss", "ppl", "tokens"} <= set(result)
+    assert math.isfinite(result["loss"]) and result["loss"] > 0
+    assert result["ppl"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
+    # Batch size 2 (the run's test batch size): each column drops its last token as a target.
+    assert result["tokens"] == (count_tokens(tiny_corpus / "test.txt") // 2 - 1) * 2
+    # The same best weights on the same split: what training reported.
+    results = json.loads((tiny_run / "results.json").read_text())
+    assert result["loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+
+
+def test_evaluate_other_split_and_batch_size(capsys, tiny_run, tiny_corpus):
+    code, out, _ = run(capsys, "evaluate", tiny_run, "--json", "--split", "valid",
+                       "--batch-size", "1")
+    result = json.loads(out)
+    assert code == 0 and result["split"] == "valid" and result["batch_size"] == 1
+    assert result["tokens"] == count_tokens(tiny_corpus / "valid.txt") - 1
+
+
+def test_evaluate_text(capsys, tiny_run):
+    code, out, err = run(capsys, "evaluate", tiny_run, "--split", "valid")
+    assert code == 0 and err == ""
+    assert out.startswith("valid: loss ") and "perplexity" in out
+    assert len(out.splitlines()) == 1
+
+
+def test_evaluate_on_other_data(capsys, tiny_run, tmp_path):
+    data = make_corpus(tmp_path / "data", test="the cat sat on the zebra\n" * 20)
+    code, out, _ = run(capsys, "evaluate", tiny_run, "--data", data, "--json")
+    assert code == 0 and json.loads(out)["unknown_words"] == 20
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
+    (["--batch-size", "100000"], "too few for batch size 100000"),
+    (["--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+])
+def test_evaluate_mistakes(capsys, tiny_run, args, message):
+    assert message in user_error(capsys, "evaluate", tiny_run, *args)
+
+
+def test_evaluate_on_bad_data(capsys, tiny_run, tmp_path):
+    data = make_corpus(tmp_path / "data", test=b"\x00\x00")
+    assert "binary file" in user_error(capsys, "evaluate", tiny_run, "--data", data)
+    data = make_corpus(tmp_path / "data2", test=None)
+    assert "missing the test split" in user_error(capsys, "evaluate", tiny_run, "--data", data)
+
+
+# ---- generate ---------------------------------------------------------------------------------
+
+def test_generate_with_a_seed_prints_the_same_text_twice(capsys, tiny_run):
+    args = ["generate", tiny_run, "--prompt", "the cat", "--max-tokens", "20", "--seed", "7"]
+    code, first, err = run(capsys, *args)
+    assert code == 0 and err == ""
+    assert first.startswith("the cat") and first.endswith("\n") and len(first.split()) > 2
+    assert run(capsys, *args)[1] == first
+    others = {run(capsys, *args[:-1], str(seed))[1] for seed in range(5)}
+    assert len(others) > 1
+
+
+def test_generate_prints_what_the_api_returns(capsys, tiny_run):
+    # The prompt is a whole sentence: the continuation is likely to start a new line.
+    for prompt, seed in [("the cat", 1), ("the cat sat on the mat", 2), ("a dog\nsome", 3)]:
+        code, out, _ = run(capsys, "generate", tiny_run, "--prompt", prompt, "--max-tokens", "25",
+                           "--seed", seed)
+        text = lstmlm.load(tiny_run).generate(prompt, max_tokens=25, seed=seed)
+        expected = prompt + " " + text + "\n"
+        # Compare line by line, ignoring trailing spaces; a leading space would be a bug.
+        assert [line.rstrip() for line in out.splitlines()] == \
+            [line.rstrip() for line in expected.splitlines()]
+
+
+def test_generate_num_samples(capsys, tiny_run):
+    code, out, err = run(capsys, "generate", tiny_run, "--prompt", "a dog", "--max-tokens", "6",
+                         "--num-samples", "3", "--seed", "1")
+    assert code == 0 and err == ""
+    headers = [line for line in out.splitlines() if line.startswith("--- sample")]
+    assert headers == ["--- sample 1 ---", "--- sample 2 ---", "--- sample 3 ---"]
+    texts = lstmlm.load(tiny_run).generate("a dog", max_tokens=6, num_samples=3, seed=1)
+    assert out == "".join(f"--- sample {i + 1} ---\na dog {t}\n" for i, t in enumerate(texts))
+
+
+def test_generate_greedy(capsys, tiny_run):
+    code, out, _ = run(capsys, "generate", tiny_run, "--prompt", "the cat", "--temperature", "0",
+                       "--max-tokens", "10")
+    greedy = lstmlm.load(tiny_run).generate("the cat", max_tokens=10, temperature=0)
+    assert code == 0 and out.split() == ["the", "cat"] + greedy.split()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--prompt", ""], "the prompt is empty"),
+    (["--prompt", "  \n "], "the prompt is empty"),
+    (["--prompt", "a", "--temperature=-0.5"], "temperature must be >= 0"),
+    (["--prompt", "a", "--temperature", "nan"], "temperature must be >= 0"),
+    (["--prompt", "a", "--top-p", "0"], "top-p must be in (0, 1]"),
+    (["--prompt", "a", "--top-p", "1.5"], "top-p must be in (0, 1]"),
+    (["--prompt", "a", "--top-k=-1"], "top-k must be >= 0"),
+    (["--prompt", "a", "--max-tokens", "0"], "max tokens must be between 1"),
+    (["--prompt", "a", "--num-samples", "0"], "number of samples must be between 1 and 1024"),
+])
+def test_generate_mistakes(capsys, tiny_run, args, message):
+    assert message in user_error(capsys, "generate", tiny_run, *args)
+
+
+def test_sampling_mistakes_are_reported_before_loading(capsys, tmp_path):
+    # Checked first: no need to wait for a model to learn that --top-p is wrong.
+    line = user_error(capsys, "generate", tmp_path / "nope", "--prompt", "a", "--top-p", "2")
+    assert "top-p" in line
+
+
+# ---- presets and argparse ---------------------------------------------------------------------
+
+def test_presets_lists_the_baseline_with_its_description(capsys):
+    preset = resources.files("lstmlm") / "presets" / "lstm-baseline.toml"
+    description = tomllib.loads(preset.read_text(encoding="utf-8"))["description"]
+    code, out, err = run(capsys, "presets")
+    assert code == 0 and err == ""
+    line = next(line for line in out.splitlines() if line.split()[0] == "lstm-baseline")
+    assert line.endswith(description)
+
+
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "somewhere", "--bogus"],
+    ["frobnicate"],
+    [],
+    ["generate", "somewhere"],  # --prompt is required
+    ["evaluate", "somewhere", "--batch-size", "1.5"],
+    ["evaluate", "somewhere", "--split", "dev"],
+    ["generate", "somewhere", "--prompt", "a", "--max-tokens", "many"],
+])
+def test_argparse_errors_exit_2_with_one_line(capsys, argv):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    out, err = capsys.readouterr()
+    assert exit_info.value.code == 2
+    assert out == ""
+    lines = err.splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lstmlm") and ": error: " in lines[0]
+    assert "--help" in lines[0]
+
+
+def test_the_console_script_prints_no_traceback(tmp_path):
+    env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "lstmlm", "evaluate", "/nonexistent"],
+                          capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr == "lstmlm: error: /nonexistent: no such run directory\n"
