@@ -60,3 +60,70 @@ def test_loss_is_mean_cross_entropy():
     logits, _ = model(tokens, model.init_hidden(2))
     log_probs = torch.log_softmax(logits.view(-1, 30), -1)
     assert torch.allclose(loss, -log_probs[torch.arange(10), targets].mean())
+
+
+def awd(**kw):
+    return small(**{"dropout_input": 0.0, "dropout_hidden": 0.0, "dropout_output": 0.0, **kw})
+
+
+def test_weight_drop_keeps_first_step_and_changes_later_steps():
+    import warnings
+
+    model = LSTMLM(awd(weight_drop=0.5, num_layers=1), vocab_size=30).train()
+    tokens = torch.randint(0, 30, (6, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        a, _ = model(tokens, model.init_hidden(2))
+        b, _ = model(tokens, model.init_hidden(2))
+    # From a zero state, step 0 never touches weight_hh: same output under any mask.
+    assert torch.allclose(a[0], b[0]) and not torch.allclose(a[1:], b[1:])
+    model.eval()
+    c, _ = model(tokens, model.init_hidden(2))
+    d, _ = model(tokens, model.init_hidden(2))
+    assert torch.equal(c, d)
+
+
+def test_weight_drop_trains_the_raw_recurrent_weights():
+    model = LSTMLM(awd(weight_drop=0.5), vocab_size=30).train()
+    loss, _, _ = model.loss(torch.randint(0, 30, (6, 2)), torch.randint(0, 30, (12,)),
+                            model.init_hidden(2))
+    loss.backward()
+    for layer in model.layers:
+        grad = layer.weight_hh_l0.grad
+        assert grad is not None and grad.abs().sum() > 0
+    assert [name for name, _ in model.named_parameters()] == [
+        name for name, _ in LSTMLM(awd(), vocab_size=30).named_parameters()]
+
+
+def test_weight_tying_shares_the_matrix_and_drops_parameters():
+    untied = LSTMLM(awd(last_hidden_size=8), vocab_size=30)
+    tied = LSTMLM(awd(last_hidden_size=8, tie_weights=True), vocab_size=30)
+    assert tied.decoder.weight is tied.embedding.weight
+    assert count_parameters(untied) - count_parameters(tied) == 30 * 8
+    assert tied.layers[-1].hidden_size == 8
+
+
+def test_awd_lstm_parameter_count():
+    from lstmlm.config import load_preset
+    # The reference AWD-LSTM implementation's count at its WikiText-2 size.
+    assert count_parameters(LSTMLM(load_preset("awd-lstm"), vocab_size=33_278)) == 33_556_078
+
+
+def test_every_regularizer_is_off_in_eval():
+    cfg = small(variational_dropout=True, dropout_embedding=0.3, weight_drop=0.5, ar_alpha=1.0,
+                tar_beta=1.0, dropout_input=0.5, dropout_hidden=0.3, dropout_output=0.4)
+    model = LSTMLM(cfg, vocab_size=30)
+    tokens = torch.randint(0, 30, (6, 2))
+    a, _ = model.eval()(tokens, model.init_hidden(2))
+    b, _ = model(tokens, model.init_hidden(2))
+    c, _ = model.train()(tokens, model.init_hidden(2))
+    assert torch.equal(a, b) and not torch.allclose(a, c)
+
+
+def test_ar_tar_penalty_only_when_training():
+    model = LSTMLM(awd(ar_alpha=2.0, tar_beta=1.0), vocab_size=30)
+    args = (torch.randint(0, 30, (6, 2)), torch.randint(0, 30, (12,)))
+    _, penalty, _ = model.train().loss(*args, model.init_hidden(2))
+    assert penalty.item() > 0
+    _, penalty, _ = model.eval().loss(*args, model.init_hidden(2))
+    assert penalty.item() == 0

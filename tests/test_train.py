@@ -176,3 +176,81 @@ def test_checkpoint_round_trip_gives_identical_logits(corpus, tmp_path):
     b, _ = again(tokens, again.init_hidden(2))
     assert torch.equal(a, b)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+
+
+AWD = dict(variational_dropout=True, dropout_input=0.3, dropout_hidden=0.2, dropout_output=0.3,
+           dropout_embedding=0.1, weight_drop=0.3, variable_bptt=True, ar_alpha=2.0, tar_beta=1.0,
+           num_layers=2, last_hidden_size=24, tie_weights=True, ntasgd=True, nonmono=1,
+           lr_decay=1.0)
+
+
+def test_variable_bptt_lengths():
+    from lstmlm.train import sample_seq_len
+
+    torch.manual_seed(0)
+    cfg = Config(bptt=70, variable_bptt=True, bptt_max_extra=10)
+    lengths = torch.tensor([sample_seq_len(cfg) for _ in range(4000)])
+    assert lengths.min() >= 5 and lengths.max() <= 80
+    short = (lengths < 50).float().mean().item()  # the bptt/2 branch, N(35, 5)
+    assert 0.03 < short < 0.07
+    assert abs(lengths[lengths >= 50].float().mean().item() - 70) < 1.0
+    assert sample_seq_len(Config(bptt=70)) == 70
+
+
+def test_variable_bptt_scales_the_step_lr(corpus, tmp_path):
+    from lstmlm.data import load_corpus
+    from lstmlm.train import Trainer
+
+    cfg = tiny(corpus, variable_bptt=True, weight_decay=0.0, lr=0.5)
+    trainer = Trainer(cfg, load_corpus(corpus), tmp_path / "run", quiet=True)
+    param = trainer.model.decoder.bias
+    before = param.detach().clone()
+    for p in trainer.model.parameters():
+        p.grad = torch.ones_like(p)
+    trainer.step_optimizer(seq_len=15)  # bptt is 10: lr 0.5 * 15/10
+    assert torch.allclose(before - param.detach(), torch.full_like(param, 0.75))
+    assert trainer.lr == 0.5  # the scaling lasts one step
+
+
+def test_ntasgd_switches_and_validates_the_average(corpus, tmp_path):
+    run = tmp_path / "run"
+    results = run_training(tiny(corpus, **AWD, epochs=3, eval_interval=3, lr=30.0, clip=0.0),
+                           out=run, quiet=True)
+    assert results["averaging_since_step"] > 0
+    tensors, meta = ckpt.read_tensors(run / ckpt.STATE)
+    assert int(meta["avg_count"]) == results["steps"] - results["averaging_since_step"]
+    # model.safetensors holds averaged weights, which differ from the last SGD iterate.
+    best, _ = ckpt.read_tensors(run / ckpt.WEIGHTS)
+    assert not torch.equal(best["decoder.bias"], tensors["model.decoder.bias"])
+
+
+@pytest.mark.parametrize("stop_at", [14, 17])
+def test_resume_is_exact_with_every_awd_technique(corpus, tmp_path, stop_at):
+    cfg = dict(AWD, epochs=2, eval_interval=3, lr=30.0, clip=0.0)
+    straight = run_training(tiny(corpus, **cfg), out=tmp_path / "a", quiet=True)
+    assert 0 < straight["averaging_since_step"] < stop_at  # the switch happens before the stop
+    run_training(tiny(corpus, max_steps=stop_at, **cfg), out=tmp_path / "b", quiet=True)
+    resumed = run_training(resume=tmp_path / "b", overrides={"max_steps": 0}, quiet=True)
+    assert resumed["averaging_since_step"] == straight["averaging_since_step"]
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
+    a = {m["step"]: m["valid_loss"] for m in metrics(tmp_path / "a")}
+    b = {m["step"]: m["valid_loss"] for m in metrics(tmp_path / "b")}
+    assert all(b[s] == pytest.approx(a[s], rel=1e-6) for s in a if s > stop_at)
+
+
+def test_finetune_writes_its_own_run(corpus, tmp_path):
+    from lstmlm.train import run_finetune
+
+    base = tmp_path / "base"
+    run_training(tiny(corpus, **AWD, epochs=1, eval_interval=4), out=base, quiet=True)
+    before = {p.name: p.read_bytes() for p in base.iterdir()}
+    results = run_finetune(base, overrides={"epochs": 30, "lr": 30.0}, quiet=True)
+    out = tmp_path / "base-finetune"
+    assert {p.name: p.read_bytes() for p in base.iterdir()} == before  # base untouched
+    assert results["stop_reason"] == "converged"
+    assert results["averaging_since_step"] == 0
+    cfg, _ = ckpt.read_run_config(out)
+    assert cfg.finetune and cfg.epochs == 30
+    # Fine-tuning starts from the base model: its first validation is near the base's best.
+    first = metrics(out)[0]["valid_loss"]
+    assert first < json.loads((base / ckpt.RESULTS).read_text())["best_valid_loss"] * 1.5

@@ -65,6 +65,13 @@ def cmd_train(args) -> None:
     print(json.dumps(results))
 
 
+def cmd_finetune(args) -> None:
+    from .train import run_finetune
+
+    out = Path(args.out) if args.out else None
+    print(json.dumps(run_finetune(Path(args.run_dir), out, config_overrides(args))))
+
+
 def cmd_evaluate(args) -> None:
     from .checkpoint import load_run
     from .data import batchify, find_split_files, read_lines
@@ -130,6 +137,12 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("finetune", help="AWD-LSTM fine-tuning of a run, into a new run directory")
+    p.add_argument("run_dir")
+    p.add_argument("--out", help="run directory to create (default RUN_DIR-finetune)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_finetune)
 
     p = sub.add_parser("evaluate", help="perplexity of a trained model on a split")
     p.add_argument("run_dir")

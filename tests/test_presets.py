@@ -1,0 +1,67 @@
+"""Every shipped preset builds and trains on a slice of WikiText-2 at its real size."""
+
+import pytest
+
+from lstmlm.config import list_presets, load_preset
+from lstmlm.train import run_training
+
+PRESETS = [name for name, _ in list_presets()]
+NINE = [p for p in PRESETS if p.startswith("awd-") and p[4].isdigit() and p != "awd-0-base"]
+ARCHITECTURE = ("embedding_size", "hidden_size", "num_layers", "last_hidden_size", "batch_size",
+                "bptt", "lr", "clip", "weight_decay", "optimizer", "epochs")
+
+
+def test_the_seed_nine_and_the_paper_ablations_are_shipped():
+    assert len(NINE) == 9
+    for name in ["lstm-baseline", "awd-lstm", "awd-lstm-cpu", "awd-lstm-no-ntasgd",
+                 "awd-lstm-no-variable-bptt", "awd-lstm-no-embedding-dropout",
+                 "awd-lstm-no-weight-decay", "awd-lstm-no-ar-tar", "awd-lstm-no-weight-drop",
+                 "awd-lstm-full-embedding"]:
+        assert name in PRESETS
+
+
+def test_the_nine_share_one_architecture():
+    base = load_preset("awd-0-base")
+    for name in NINE:
+        cfg = load_preset(name)
+        assert all(getattr(cfg, k) == getattr(base, k) for k in ARCHITECTURE), name
+    assert base.output_size == base.embedding_size  # so that tying is possible
+
+
+@pytest.mark.parametrize("name, switches", [
+    ("awd-1-weight-drop", {"weight_drop": 0.5}),
+    ("awd-2-ntasgd", {"ntasgd": True}),
+    ("awd-4-variational-dropout", {"variational_dropout": True}),
+    ("awd-6-embedding-dropout", {"dropout_embedding": 0.1}),
+    ("awd-8-weight-tying", {"tie_weights": True}),
+    ("awd-9-wd-ntasgd-vd-ed-wt", {"weight_drop": 0.5, "ntasgd": True, "variational_dropout": True,
+                                  "dropout_embedding": 0.1, "tie_weights": True}),
+    ("awd-lstm-no-ar-tar", {"ar_alpha": 0.0, "tar_beta": 0.0}),
+])
+def test_each_preset_differs_from_its_base_only_by_its_switches(name, switches):
+    base = load_preset("awd-lstm" if name.startswith("awd-lstm") else "awd-0-base")
+    cfg = load_preset(name)
+    diff = {k: v for k, v in cfg.to_dict().items() if base.to_dict()[k] != v}
+    assert diff == {k: v for k, v in switches.items() if base.to_dict()[k] != v}
+
+
+@pytest.fixture(scope="module")
+def wikitext_slice(shared_data, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("wt2-slice")
+    source = shared_data / "wikitext-2"
+    for split, lines in (("train", 600), ("valid", 30), ("test", 30)):
+        text = (source / f"{split}.txt").read_text(encoding="utf-8").splitlines(keepends=True)
+        (directory / f"{split}.txt").write_text("".join(text[:lines]), encoding="utf-8")
+    return directory
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_trains(name, wikitext_slice, tmp_path, monkeypatch):
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+    cfg = load_preset(name)
+    # Full-size model; small batches so the slice suffices, and evaluation batched (a batch of
+    # one reads every weight once per token: minutes at this size on a CPU).
+    results = run_training(cfg, out=tmp_path / "run", quiet=True, overrides={
+        "data": str(wikitext_slice), "batch_size": 4, "bptt": 20, "max_steps": 3,
+        "valid_batch_size": 10, "test_batch_size": 10})
+    assert results["steps"] == 3 and results["test_ppl"] > 1

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from lstmlm.regularizers import activation_penalty, drop_connect, embedding_dropout, locked_dropout
+
+
+def test_locked_dropout_mask_is_constant_over_time():
+    torch.manual_seed(0)
+    x = torch.ones(7, 3, 50)
+    y = locked_dropout(x, 0.5, training=True)
+    assert torch.equal(y, y[:1].expand_as(y))  # every time step has the same mask
+    assert set(y.unique().tolist()) == {0.0, 2.0}  # kept units scaled by 1/(1-p)
+    assert not torch.equal(y[:, 0], y[:, 1])  # masks differ between sequences
+    assert 0.3 < (y[0] == 0).float().mean() < 0.7
+
+
+def test_locked_dropout_off_in_eval():
+    x = torch.randn(4, 2, 5)
+    assert locked_dropout(x, 0.5, training=False) is x
+
+
+def test_embedding_dropout_drops_whole_words():
+    torch.manual_seed(0)
+    weight = torch.randn(200, 8)
+    dropped = embedding_dropout(weight, 0.25, training=True)
+    zero_rows = (dropped == 0).all(dim=1)
+    assert 0.1 < zero_rows.float().mean() < 0.4
+    assert torch.allclose(dropped[~zero_rows], weight[~zero_rows] / 0.75)
+    assert embedding_dropout(weight, 0.25, training=False) is weight
+
+
+def test_drop_connect_scales_kept_weights():
+    torch.manual_seed(0)
+    weight = torch.ones(40, 40)
+    dropped = drop_connect(weight, 0.5, training=True)
+    assert set(dropped.unique().tolist()) == {0.0, 2.0}
+    assert torch.equal(drop_connect(weight, 0.5, training=False), weight)
+
+
+def test_ar_tar_exact_values():
+    dropped = torch.tensor([[[1.0, 2.0]], [[3.0, 0.0]]])  # (time 2, batch 1, features 2)
+    raw = torch.tensor([[[1.0, 1.0]], [[2.0, 3.0]]])
+    # AR: mean of squares = (1 + 4 + 9 + 0) / 4 = 3.5; TAR: mean((1, 2)²) = 2.5
+    assert activation_penalty(dropped, raw, 2.0, 0.0).item() == pytest.approx(7.0)
+    assert activation_penalty(dropped, raw, 0.0, 1.0).item() == pytest.approx(2.5)
+    assert activation_penalty(dropped, raw, 2.0, 1.0).item() == pytest.approx(9.5)
+    assert activation_penalty(dropped, raw, 0.0, 0.0).item() == 0.0
