@@ -10,7 +10,8 @@
       results.json        final summary: best validation, test perplexity of the best weights
 
 Every file is written to a temporary name, fsynced and renamed, so a run killed at any moment
-keeps its previous good files. Nothing here unpickles: tensors are safetensors, the rest JSON.
+keeps its previous good files (metrics.jsonl is appended to instead; a resume drops a line a
+kill cut short). Nothing here unpickles: tensors are safetensors, the rest JSON.
 """
 
 from __future__ import annotations

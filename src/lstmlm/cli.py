@@ -1,4 +1,4 @@
-"""The `lstmlm` command: presets, train, evaluate, generate.
+"""The `lstmlm` command: presets, train, evaluate, generate, ablate, report.
 
 User mistakes end with one line on stderr (`lstmlm: error: ...`) and exit status 1, never a
 traceback; argparse's usage errors exit with 2.
@@ -123,6 +123,36 @@ def cmd_generate(args) -> None:
         print(args.prompt.rstrip() + " " + detokenize(lm.vocab.decode(row)))
 
 
+def cmd_ablate(args) -> None:
+    from .ablate import run_plan
+
+    overrides = config_overrides(args)
+    if args.minutes_per_run is not None:
+        overrides["max_minutes"] = args.minutes_per_run
+    if "data" not in overrides:
+        raise LstmlmError("ablate needs --data: a data directory or a dataset name "
+                          "(wikitext-2, wikitext-103, ptb)")
+    status = run_plan(args.plan, Path(args.out), overrides)
+    table = Path(args.out) / "results.md"
+    if table.is_file():  # not yet if the first run was stopped at once
+        print(table.read_text(encoding="utf-8"), end="")
+    if not status["plots"]:
+        print("lstmlm: tables written; for the plots, pip install matplotlib", file=sys.stderr)
+    if status["interrupted"]:
+        print(f"lstmlm: ablation interrupted during {status['interrupted']} (its checkpoint is "
+              "saved); rerun the same command to continue", file=sys.stderr)
+
+
+def cmd_report(args) -> None:
+    from .report import report
+
+    reference = Path(args.reference) if args.reference else None
+    markdown, plotted = report([Path(d) for d in args.run_dirs], Path(args.out), reference)
+    print(markdown, end="")
+    if not plotted:
+        print("lstmlm: tables written; for the plots, pip install matplotlib", file=sys.stderr)
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lstmlm", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -162,6 +192,32 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--num-samples", type=int, default=1, help="continuations, sampled as one batch")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser(
+        "ablate", help="train every run of an ablation plan with one budget, then compare them",
+        description="Train each run of PLAN into OUT/NAME with the same data, budget and seed, "
+                    "then write OUT/results.csv, results.md, curves.png and ablation.png. Rerun "
+                    "the same command after an interruption: finished runs are kept, an "
+                    "interrupted one resumes. Config flags (--set KEY=VALUE, --hidden-size ...) "
+                    "apply to every run.")
+    p.add_argument("--plan", required=True,
+                   help="seed (lstm-baseline, awd-1 ... awd-9), paper (awd-lstm and its "
+                        "leave-one-out variants) or a plan .toml file")
+    p.add_argument("--out", required=True, help="directory for the runs and the report")
+    p.add_argument("--minutes-per-run", type=float, metavar="M",
+                   help="training budget of each run in minutes (or --epochs N, --max-steps S; "
+                        "without any, each preset's own epochs)")
+    add_config_flags(p)
+    p.set_defaults(func=cmd_ablate)
+
+    p = sub.add_parser("report", help="compare run directories: table and plots",
+                       description="Write results.csv, results.md, curves.png and ablation.png "
+                                   "comparing the given run directories.")
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", default=".", help="where to write the report (default: here)")
+    p.add_argument("--reference", metavar="RUN_DIR",
+                   help="the run the others are compared with (default: the first)")
+    p.set_defaults(func=cmd_report)
     return parser
 
 

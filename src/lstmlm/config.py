@@ -73,6 +73,10 @@ class Config:
     max_minutes: float = _f(0.0, "stop after this many minutes of training (0: no limit)")
     eval_interval: int = _f(0, "validate every N steps (0: once per epoch)")
     checkpoint_minutes: float = _f(10.0, "also save a resumable checkpoint every N minutes")
+    checkpoint_steps: int = _f(0, "also save a resumable checkpoint every N steps (0: off)")
+    nan_lr_factor: float = _f(0.5, "on a non-finite loss or gradient, roll back to the last "
+                                   "checkpoint and multiply the learning rate by this")
+    max_nan_retries: int = _f(3, "rollbacks for non-finite losses allowed before giving up")
     seed: int = _f(1111, "random seed (same seed, same numbers on the same machine)")
     device: str = _f("cpu", "cpu, cuda or auto")
 
@@ -113,10 +117,13 @@ class Config:
             p = getattr(self, name)
             need(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
         for name in ("momentum", "weight_decay", "clip", "max_steps", "max_minutes",
-                     "eval_interval", "checkpoint_minutes", "lr_patience", "min_lr",
-                     "last_hidden_size", "bptt_max_extra", "ar_alpha", "tar_beta"):
+                     "eval_interval", "checkpoint_minutes", "checkpoint_steps", "lr_patience",
+                     "min_lr", "last_hidden_size", "bptt_max_extra", "ar_alpha", "tar_beta",
+                     "max_nan_retries"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(0 < self.nan_lr_factor < 1,
+             f"nan_lr_factor must be in (0, 1), got {self.nan_lr_factor}")
         need(self.nonmono >= 1, f"nonmono must be at least 1, got {self.nonmono}")
         need(not self.tie_weights or self.output_size == self.embedding_size,
              f"tie_weights needs the last LSTM layer's size ({self.output_size}) to equal "

@@ -5,6 +5,11 @@ SIGINT/SIGTERM. Whatever stops it (except a signal, which only saves and exits),
 once more, keeps the best weights, and reports their test perplexity in `results.json`.
 Resuming restores weights, optimizer, RNG, hidden state and data position, so the losses that
 follow are those of an uninterrupted run with the same seed.
+
+A non-finite training loss, gradient norm, validation loss or weight is caught before it is
+applied or saved: the trainer rolls back to its last checkpoint (or to its starting state),
+multiplies the lr by `nan_lr_factor` and goes on, at most `max_nan_retries` times per run.
+No checkpoint ever holds a non-finite weight. See docs/reliability.md.
 """
 
 from __future__ import annotations
@@ -29,11 +34,21 @@ from .data import Corpus, batchify, get_batch, load_corpus
 from .datasets import resolve_data
 from .errors import LstmlmError
 from .evaluate import evaluate, perplexity
+from .fileio import atomic_write
 from .model import LSTMLM, Hidden, count_parameters, detach
 from .optim import WeightAverage, make_optimizer, nonmono_triggered
 
 # Fields a resumed run may change: its budget. Anything else would make it another run.
-RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "checkpoint_minutes")
+RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "checkpoint_minutes",
+                       "checkpoint_steps", "max_nan_retries")
+
+
+class DivergedError(LstmlmError):
+    """Training kept producing non-finite numbers after every rollback it was allowed."""
+
+
+class _NonFinite(Exception):
+    """Inside the loop: a loss, gradient norm or weight is inf/nan; the trainer rolls back."""
 
 
 @dataclass
@@ -54,6 +69,7 @@ class TrainState:
     valid_history: list = dataclasses.field(default_factory=list)  # scheduled checks' losses
     averaging_since: int = -1  # NT-ASGD: step at which weight averaging began (-1: not yet)
     converged: bool = False  # fine-tuning: the non-monotone trigger fired
+    nan_rollbacks: int = 0  # rollbacks after non-finite numbers (each lowered the lr)
 
 
 def pick_device(name: str) -> torch.device:
@@ -96,6 +112,8 @@ class Trainer:
             self.start_averaging()
         self.hidden: Hidden | None = None
         self.stop_signal: str | None = None
+        self.has_checkpoint = False  # whether state.safetensors holds this run's state
+        self.initial: tuple[dict, dict] | None = None  # rollback target before the first save
 
     def start_averaging(self) -> None:
         self.average = WeightAverage(self.model)
@@ -108,7 +126,8 @@ class Trainer:
 
     # ---- state on disk --------------------------------------------------------------------
 
-    def save_state(self) -> None:
+    def state_tensors(self) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+        """Everything a resume needs, as the tensors and metadata of state.safetensors."""
         tensors = {f"model.{k}": v for k, v in ckpt.model_tensors(self.model).items()}
         if self.average:
             tensors.update({f"avg.{k}": v for k, v in self.average.mean.items()})
@@ -125,27 +144,47 @@ class Trainer:
         meta = {"trainer": json.dumps(dataclasses.asdict(self.state)),
                 "param_groups": json.dumps(self.optimizer.state_dict()["param_groups"]),
                 "avg_count": str(self.average.count if self.average else 0)}
+        return tensors, meta
+
+    def check_finite(self) -> None:
+        """Raise _NonFinite if a weight or the hidden state is inf/nan (never saved)."""
+        tensors = [p.detach() for p in self.model.parameters()]
+        tensors += [t for pair in self.hidden or [] for t in pair]
+        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+            raise _NonFinite("a weight or the hidden state became inf/nan")
+
+    def save_state(self) -> None:
+        self.check_finite()
+        tensors, meta = self.state_tensors()
         self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.STATE, tensors, meta))
+        self.has_checkpoint = True
 
     def load_state(self) -> None:
         path = self.run_dir / ckpt.STATE
-        tensors, meta = ckpt.read_tensors(path)
+        self.restore(*ckpt.read_tensors(path), path)
+        self.has_checkpoint = True
+
+    def restore(self, tensors: dict[str, torch.Tensor], meta: dict, source) -> None:
+        """Set weights, optimizer, average, hidden state, RNG and counters from `tensors` and
+        `meta` (those of state.safetensors, or the in-memory starting state)."""
         try:
             self.state = TrainState(**json.loads(meta["trainer"]))
             param_groups = json.loads(meta["param_groups"])
         except (KeyError, TypeError, ValueError):
-            raise ckpt.RunDirError(f"{path}: damaged trainer state; cannot resume") from None
+            raise ckpt.RunDirError(f"{source}: damaged trainer state; cannot resume") from None
         ckpt.load_weights(self.model, {k[6:]: v.to(self.device) for k, v in tensors.items()
-                                       if k.startswith("model.")}, path)
+                                       if k.startswith("model.")}, source)
         optim_state: dict[int, dict] = {}
         for key, value in tensors.items():
             if key.startswith("optim."):
                 _, i, name = key.split(".", 2)
-                optim_state.setdefault(int(i), {})[name] = value.to(self.device)
+                optim_state.setdefault(int(i), {})[name] = value.to(self.device, copy=True)
         self.optimizer.load_state_dict({"state": optim_state, "param_groups": param_groups})
         layers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("hidden.")})
-        self.hidden = [(tensors[f"hidden.{i}.h"].to(self.device),
-                        tensors[f"hidden.{i}.c"].to(self.device)) for i in layers] or None
+        self.hidden = [(tensors[f"hidden.{i}.h"].to(self.device, copy=True),
+                        tensors[f"hidden.{i}.c"].to(self.device, copy=True))
+                       for i in layers] or None
+        self.average = None
         if self.state.averaging_since >= 0:
             self.average = WeightAverage(self.model)
             for k in self.average.mean:
@@ -160,13 +199,57 @@ class Trainer:
             save()
         except OSError as e:
             raise LstmlmError(
-                f"cannot write to {self.run_dir} ({e.strerror}); the previous checkpoint is "
+                f"cannot write to {self.run_dir} ({e.strerror or e}); the previous checkpoint is "
                 f"intact: free space or fix permissions, then `lstmlm train --resume {self.run_dir}`"
             ) from None
 
     def log(self, message: str) -> None:
         if not self.quiet:
             tqdm.write(message, file=sys.stderr)
+
+    def trim_metrics(self) -> None:
+        """Drop from metrics.jsonl the validations after the current step (a resumed or rolled
+        back run makes them again) and any line a kill cut short."""
+        path = self.run_dir / ckpt.METRICS
+        if not path.is_file():
+            return
+        text = path.read_text(encoding="utf-8", errors="replace")
+        keep = []
+        for line in text.splitlines():
+            try:
+                if json.loads(line)["step"] <= self.state.step:
+                    keep.append(line + "\n")
+            except (ValueError, KeyError, TypeError):
+                pass
+        if "".join(keep) != text:
+            self._write(lambda: atomic_write(path, "".join(keep).encode("utf-8")))
+
+    # ---- non-finite numbers -----------------------------------------------------------------
+
+    def roll_back(self, problem: str) -> None:
+        """Return to the last checkpoint (or the starting state) with the lr times
+        nan_lr_factor; a DivergedError once max_nan_retries rollbacks have been used."""
+        cfg, failed, lr = self.cfg, self.state, self.lr
+        rollbacks = failed.nan_rollbacks + 1
+        if rollbacks > cfg.max_nan_retries:
+            raise DivergedError(
+                f"training diverged: {problem} after step {failed.step}, with "
+                f"{rollbacks - 1} rollback(s) to the last good state already used (lr now "
+                f"{lr:.3g}); {self.run_dir} keeps the last good checkpoint: start a new run with "
+                f"a lower --lr or a --clip, or resume with a larger --max-nan-retries")
+        if self.has_checkpoint:
+            self.load_state()
+        else:
+            self.restore(*self.initial, "the starting state")
+        self.model.train()
+        st = self.state
+        st.nan_rollbacks, st.seconds = rollbacks, failed.seconds
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr * cfg.nan_lr_factor
+        self.trim_metrics()
+        self.log(f"step {failed.step}: {problem}; rolled back to step {st.step} with the lr "
+                 f"lowered to {self.lr:.3g} (rollback {rollbacks} of at most "
+                 f"{cfg.max_nan_retries})")
 
     # ---- validation -----------------------------------------------------------------------
 
@@ -180,12 +263,14 @@ class Trainer:
         cfg, st = self.cfg, self.state
         with self.best_weights():
             valid_loss, _ = evaluate(self.model, self.valid_data, cfg.bptt)
-            improved = valid_loss < st.best_valid_loss
+            improved = math.isfinite(valid_loss) and valid_loss < st.best_valid_loss
             if improved:
                 st.best_valid_loss = valid_loss
                 self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.WEIGHTS,
                                                        ckpt.model_tensors(self.model)))
         self.model.train()
+        if not math.isfinite(valid_loss):
+            raise _NonFinite(f"the validation loss became {valid_loss}")
         if schedule:
             self.schedule(valid_loss)
         st.validated_step = st.step
@@ -254,72 +339,97 @@ class Trainer:
             return "max_minutes"
         return None
 
-    def train(self) -> dict:
+    def train_step(self) -> tuple[float, int, int]:
+        """One optimizer step on the next window: (loss, rows, tokens). Raises _NonFinite
+        before the weights change when the loss or the gradient norm is inf/nan."""
         cfg, st, model = self.cfg, self.state, self.model
-        model.train()
-        started = time.monotonic()
-        last_save = started
+        if st.position == 0 or self.hidden is None:
+            self.hidden = model.init_hidden(cfg.batch_size)
+        inputs, targets = get_batch(self.train_data, st.position, sample_seq_len(cfg))
+        loss, penalty, hidden = model.loss(inputs, targets, detach(self.hidden))
+        self.optimizer.zero_grad(set_to_none=True)
+        total = loss + penalty
+        total.backward()
+        loss_value, total_value = torch.stack([loss.detach(), total.detach()]).tolist()
+        if not math.isfinite(total_value):
+            raise _NonFinite(f"the training loss became {total_value}")
+        if cfg.clip > 0:
+            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
+            if not math.isfinite(norm):
+                raise _NonFinite(f"the gradient norm became {norm}")
+        self.step_optimizer(inputs.size(0))
+        self.hidden = detach(hidden)
+        st.step += 1
+        st.position += inputs.size(0)
+        st.tokens += targets.numel()
+        st.window_loss, st.window_steps = st.window_loss + loss_value, st.window_steps + 1
+        return loss_value, inputs.size(0), targets.numel()
+
+    def checkpoint_due(self, since_save: float) -> bool:
+        """Whether a periodic checkpoint is due (every checkpoint_steps, checkpoint_minutes)."""
+        cfg = self.cfg
+        return bool(cfg.checkpoint_steps and self.state.step % cfg.checkpoint_steps == 0
+                    or cfg.checkpoint_minutes and since_save >= cfg.checkpoint_minutes * 60)
+
+    def train(self) -> dict:
+        cfg = self.cfg
+        self.model.train()
+        if not self.has_checkpoint:  # what a rollback before the first save returns to
+            tensors, meta = self.state_tensors()
+            self.initial = ({k: v.to("cpu", copy=True) for k, v in tensors.items()}, meta)
+        started = last_save = time.monotonic()
         window_tokens, window_time = 0, 0.0
         rows = self.train_data.size(0) - 1
-        bar = tqdm(total=rows, initial=st.position, unit="row", dynamic_ncols=True,
-                   disable=None if not self.quiet else True, leave=False, file=sys.stderr)
-        bar.set_description(f"epoch {st.epoch + 1}")
-        while (reason := self.stop_reason(started)) is None:
-            if st.position == 0 or self.hidden is None:
-                self.hidden = model.init_hidden(cfg.batch_size)
-            t0 = time.monotonic()
-            inputs, targets = get_batch(self.train_data, st.position, sample_seq_len(cfg))
-            loss, penalty, hidden = model.loss(inputs, targets, detach(self.hidden))
-            self.optimizer.zero_grad(set_to_none=True)
-            (loss + penalty).backward()
-            if cfg.clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-            self.step_optimizer(inputs.size(0))
-            self.hidden = detach(hidden)
-            loss_value = loss.item()
-            if not math.isfinite(loss_value):
-                raise LstmlmError(
-                    f"training loss became {loss_value} at step {st.step + 1}; lower the "
-                    f"learning rate (--lr) and start again, or resume from the last checkpoint")
-            dt = time.monotonic() - t0
-            st.step += 1
-            st.position += inputs.size(0)
-            st.tokens += targets.numel()
-            st.window_loss, st.window_steps = st.window_loss + loss_value, st.window_steps + 1
-            window_tokens, window_time = window_tokens + targets.numel(), window_time + dt
-            bar.update(inputs.size(0))
-            bar.set_postfix(loss=f"{loss_value:.3f}", ppl=f"{perplexity(loss_value):.1f}",
-                            lr=f"{self.lr:.3g}", tok_s=f"{window_tokens / window_time:.0f}",
-                            refresh=False)
-            end_of_epoch = st.position >= rows
-            if end_of_epoch:
-                st.epoch, st.position = st.epoch + 1, 0
-                bar.reset()
-                bar.set_description(f"epoch {st.epoch + 1}")
-            now = time.monotonic()
-            st.seconds += now - started
-            started = now
-            due = st.step % cfg.eval_interval == 0 if cfg.eval_interval else end_of_epoch
-            if due:
-                self.validate(st.window_loss / st.window_steps, window_tokens / window_time)
-                st.window_loss, st.window_steps = 0.0, 0
-                window_tokens, window_time = 0, 0.0
-                self.save_state()
-                last_save = time.monotonic()
-            elif cfg.checkpoint_minutes and now - last_save >= cfg.checkpoint_minutes * 60:
-                self.save_state()
-                last_save = time.monotonic()
-        bar.close()
-        st.seconds += time.monotonic() - started
+        with tqdm(total=rows, initial=self.state.position, unit="row", dynamic_ncols=True,
+                  disable=None if not self.quiet else True, leave=False, file=sys.stderr) as bar:
+            bar.set_description(f"epoch {self.state.epoch + 1}")
+            while True:
+                st = self.state  # a rollback replaces it
+                try:
+                    if (reason := self.stop_reason(started)) is not None:
+                        now = time.monotonic()
+                        st.seconds, started = st.seconds + now - started, now
+                        if reason != "interrupted" and st.validated_step != st.step:
+                            self.validate(st.window_loss / max(st.window_steps, 1),
+                                          window_tokens / window_time if window_time else 0.0,
+                                          schedule=False)
+                        self.save_state()
+                        break
+                    t0 = time.monotonic()
+                    loss_value, seq_len, tokens = self.train_step()
+                    window_tokens += tokens
+                    window_time += time.monotonic() - t0
+                    bar.update(seq_len)
+                    bar.set_postfix(loss=f"{loss_value:.3f}", ppl=f"{perplexity(loss_value):.1f}",
+                                    lr=f"{self.lr:.3g}", tok_s=f"{window_tokens / window_time:.0f}",
+                                    refresh=False)
+                    end_of_epoch = st.position >= rows
+                    if end_of_epoch:
+                        st.epoch, st.position = st.epoch + 1, 0
+                        bar.reset()
+                        bar.set_description(f"epoch {st.epoch + 1}")
+                    now = time.monotonic()
+                    st.seconds, started = st.seconds + now - started, now
+                    due = st.step % cfg.eval_interval == 0 if cfg.eval_interval else end_of_epoch
+                    if due:
+                        self.validate(st.window_loss / st.window_steps, window_tokens / window_time)
+                        st.window_loss, st.window_steps = 0.0, 0
+                        window_tokens, window_time = 0, 0.0
+                    if due or self.checkpoint_due(now - last_save):
+                        self.save_state()
+                        last_save = time.monotonic()
+                except _NonFinite as e:
+                    self.roll_back(str(e))
+                    now = time.monotonic()
+                    self.state.seconds, started = self.state.seconds + now - started, now
+                    window_tokens, window_time = 0, 0.0
+                    bar.reset()
+                    bar.update(self.state.position)
+                    bar.set_description(f"epoch {self.state.epoch + 1}")
         if reason == "interrupted":
-            self.save_state()
             self.log(f"{self.stop_signal} received: saved step {st.step} to {self.run_dir}; "
                      f"continue with `lstmlm train --resume {self.run_dir}`")
             return {"stop_reason": reason, "steps": st.step}
-        if st.validated_step != st.step:
-            self.validate(st.window_loss / max(st.window_steps, 1),
-                          window_tokens / window_time if window_time else 0.0, schedule=False)
-        self.save_state()
         return self.finish(reason)
 
     def load_best(self) -> LSTMLM:
@@ -415,12 +525,15 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
             f"cannot change {', '.join(frozen)} when resuming; only the budget "
             f"({', '.join(RESUMABLE_OVERRIDES)}) can change")
     cfg.update(overrides)
-    if not (run_dir / ckpt.STATE).is_file():
-        raise ckpt.RunDirError(f"{run_dir} has no {ckpt.STATE}: nothing to resume")
     corpus = _corpus_of(run_dir, cfg, vocab_size)
     trainer = Trainer(cfg, corpus, run_dir, quiet=quiet)
-    trainer.load_state()
-    ckpt.write_config(run_dir, cfg, vocab_size)
+    if (run_dir / ckpt.STATE).is_file():
+        trainer.load_state()
+    else:  # stopped before its first checkpoint: nothing was lost but the time
+        trainer.log(f"{run_dir} has no {ckpt.STATE} yet (stopped before its first checkpoint): "
+                    "training from the start")
+    trainer.trim_metrics()
+    trainer._write(lambda: ckpt.write_config(run_dir, cfg, vocab_size))
     return _train(trainer, corpus)
 
 

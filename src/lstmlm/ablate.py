@@ -1,0 +1,233 @@
+"""`lstmlm ablate`: train every run of a plan with the same data, budget and seed, then compare.
+
+A plan is a TOML file: an optional `reference` (a run name; default the first run) and one
+`[[run]]` table per run with a `preset` (a name or a .toml path, relative to the plan file),
+an optional `name` (default the preset's) and optional `set = {key = value}` overrides:
+
+    reference = "lstm-baseline"
+    [[run]]
+    preset = "lstm-baseline"
+    [[run]]
+    preset = "awd-1-weight-drop"
+    set = {hidden_size = 650}
+
+Each run is an ordinary run directory OUT/NAME, so the command can simply be rerun after a
+Ctrl-C or a crash: finished runs (results.json) are skipped, interrupted ones resumed from their
+checkpoint, the rest started; a directory holding a run with other settings than the plan's
+(another --set, say) is refused rather than mixed in. A run that fails is recorded in
+OUT/plan-status.json and the plan goes on. The tables (see report.py) are rewritten after
+every run, the plots at the end.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+import sys
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import NoReturn
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, load_preset, tomllib
+from .errors import LstmlmError
+from .report import (PLAN_STATUS, UNLIMITED_EPOCHS, collect_row, empty_row, read_results,
+                     status_of, write_report)
+from .train import RESUMABLE_OVERRIDES, run_training
+
+BUDGET = ("max_minutes", "max_steps", "epochs")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]*")  # a run name is a plain directory name
+
+
+class PlanError(LstmlmError):
+    """A plan file that is missing, not TOML, empty, or names an unknown preset."""
+
+
+@dataclass
+class PlanRun:
+    name: str
+    preset: str  # a preset name, or the path of a preset .toml file
+    overrides: dict
+
+
+def _plan_files() -> dict[str, object]:
+    folder = resources.files("lstmlm") / "plans"
+    return {p.name[:-5]: p for p in folder.iterdir() if p.name.endswith(".toml")}
+
+
+def load_plan(spec: str) -> tuple[list[PlanRun], str]:
+    """The runs and the reference run's name of a shipped plan (`seed`, `paper`) or a plan file.
+    Every preset and override is checked here, so a typo fails before anything trains."""
+    files = _plan_files()
+    if spec in files:
+        path, folder = files[spec], None
+    elif spec.endswith(".toml"):
+        path = Path(spec)
+        if not path.is_file():
+            raise PlanError(f"plan file {spec}: not found")
+        folder = path.parent
+    else:
+        close = difflib.get_close_matches(spec, files, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise PlanError(f"unknown plan {spec!r}: {hint}shipped plans are "
+                        f"{', '.join(sorted(files))}, or pass a .toml file")
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise PlanError(f"plan {spec}: cannot read ({e})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise PlanError(f"plan {spec}: invalid TOML ({e})") from None
+
+    def fail(message: str) -> NoReturn:
+        raise PlanError(f"plan {spec}: {message}")
+
+    unknown = sorted(set(data) - {"description", "reference", "run"})
+    if unknown:
+        fail(f"unknown key {unknown[0]!r} (a plan has reference and [[run]] tables)")
+    tables = data.get("run", [])
+    if not isinstance(tables, list) or not tables:
+        fail('no runs; add [[run]] tables, each with preset = "..."')
+    runs: list[PlanRun] = []
+    for i, table in enumerate(tables, 1):
+        if not isinstance(table, dict):
+            fail(f"run {i}: expected a [[run]] table")
+        unknown = sorted(set(table) - {"preset", "name", "set"})
+        if unknown:
+            fail(f"run {i}: unknown key {unknown[0]!r} (expected preset, name, set)")
+        preset, overrides = table.get("preset"), table.get("set", {})
+        if not isinstance(preset, str) or not preset:
+            fail(f'run {i}: needs preset = "NAME" or a .toml path')
+        if not isinstance(overrides, dict):
+            fail(f"run {i}: set must be a table, e.g. set = {{hidden_size = 650}}")
+        if preset.endswith(".toml") and folder and (folder / preset).is_file():
+            preset = str(folder / preset)  # preset files are found beside the plan
+        try:
+            load_preset(preset).update(overrides, source=f"run {i} set")
+        except ConfigError as e:
+            fail(f"run {i}: {e}")
+        name = table.get("name", Path(preset).stem)
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            fail(f"run {i}: name {name!r} must be a plain directory name (letters, digits, ._+-)")
+        if name in [r.name for r in runs]:
+            fail(f"two runs are named {name!r}; give one of them name = \"...\"")
+        runs.append(PlanRun(name, preset, overrides))
+    reference = data.get("reference", runs[0].name)
+    if reference not in [r.name for r in runs]:
+        fail(f"reference {reference!r} is not one of the runs ({', '.join(r.name for r in runs)})")
+    return runs, reference
+
+
+def common_overrides(overrides: dict) -> dict:
+    """What every run shares. A budget given for one limit lifts the presets' others (their
+    epochs, say), so all runs stop at the same limit; the seed defaults to Config's."""
+    common = {"seed": Config().seed, **overrides}
+    if any(key in overrides for key in BUDGET):
+        common = {"max_minutes": 0.0, "max_steps": 0, "epochs": UNLIMITED_EPOCHS, **common}
+        limits = (common["max_minutes"], common["max_steps"], common["epochs"] < UNLIMITED_EPOCHS)
+        if not any(limits):
+            raise ConfigError("a budget of 0 means no limit: give --minutes-per-run, --epochs "
+                              "or --max-steps above 0")
+    return common
+
+
+def run_config(run: PlanRun, overrides: dict) -> Config:
+    """The run's preset, then its plan overrides, then those every run shares."""
+    cfg = load_preset(run.preset)
+    cfg.update({**run.overrides, **overrides}, source=f"run {run.name}")
+    return cfg
+
+
+def _train_one(run: PlanRun, run_dir: Path, overrides: dict, quiet: bool) -> dict:
+    """Start, resume or skip one run; its results, or {"stop_reason": "interrupted"}."""
+    cfg = run_config(run, overrides)
+    if not (run_dir / ckpt.CONFIG).is_file():
+        return run_training(cfg, out=run_dir, quiet=quiet)
+    saved, _ = ckpt.read_run_config(run_dir)
+    changed = sorted(k for k, v in cfg.to_dict().items()
+                     if getattr(saved, k) != v and k not in RESUMABLE_OVERRIDES)
+    if changed:  # a finished run with other settings would silently mix into the table
+        raise ckpt.RunDirError(
+            f"{run_dir} holds a run with other settings ({', '.join(changed)}); rerun with "
+            "the options it was started with, or use another --out")
+    results = read_results(run_dir)
+    if results is not None:
+        return results
+    if not (run_dir / ckpt.STATE).is_file():
+        raise ckpt.RunDirError(f"{run_dir} stopped before its first checkpoint; delete it "
+                               "and rerun to start this run again")
+    return run_training(resume=run_dir, overrides=cfg.to_dict(), quiet=quiet)
+
+
+def _write_status(out: Path, plan: str, reference: str, overrides: dict, status: list) -> None:
+    ckpt.write_json(out / PLAN_STATUS, {"plan": plan, "reference": reference,
+                                        "overrides": overrides, "runs": status})
+
+
+def _rows(runs: list[PlanRun], status: list[dict], out: Path, overrides: dict) -> list[dict]:
+    rows = []
+    for run, entry in zip(runs, status):
+        run_dir, preset = out / run.name, Path(run.preset).stem
+        if (run_dir / ckpt.CONFIG).is_file():
+            row = collect_row(run_dir, name=run.name, preset=preset)
+        else:
+            try:
+                cfg = run_config(run, overrides)
+            except ConfigError:  # recorded as the run's error
+                cfg = None
+            row = empty_row(run.name, preset, cfg)
+        if entry["status"] in ("failed", "interrupted"):
+            row.update(status=entry["status"], error=entry["error"])
+        rows.append(row)
+    return rows
+
+
+def run_plan(plan: str, out: Path, overrides: dict | None = None, quiet: bool = False) -> dict:
+    """Run (or continue) every run of `plan` in OUT/NAME, rewriting the report in OUT after each.
+
+    Returns {"runs": [status of each run], "interrupted": run name or None, "plots": bool};
+    the statuses are also in OUT/plan-status.json.
+    """
+    runs, reference = load_plan(plan)
+    out, overrides = Path(out), common_overrides(overrides or {})
+    status = [{"name": r.name, "preset": r.preset, "status": "pending", "stop_reason": None,
+               "error": None} for r in runs]
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LstmlmError(f"cannot create {out}: {e.strerror}") from None
+    plotted = True
+    for i, (run, entry) in enumerate(zip(runs, status), 1):
+        run_dir, tag = out / run.name, f"[{i}/{len(runs)}] {run.name}"
+        if (run_dir / ckpt.RESULTS).is_file():
+            _log(quiet, f"{tag}: finished earlier, skipped")
+        else:
+            resuming = (run_dir / ckpt.STATE).is_file()
+            _log(quiet, f"{tag}: {'resuming' if resuming else 'starting'} in {run_dir}")
+        entry["status"] = "running"
+        _write_status(out, plan, reference, overrides, status)
+        try:
+            results = _train_one(run, run_dir, overrides, quiet)
+            reason = results["stop_reason"]
+            entry.update(status="interrupted" if reason == "interrupted" else status_of(results),
+                         stop_reason=reason)
+        except (LstmlmError, RuntimeError, FloatingPointError) as e:  # the plan goes on
+            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            entry.update(status="failed", error=message)
+            _log(quiet, f"{tag} failed: {message}")
+        except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: checkpoints hold
+            entry.update(status="interrupted", stop_reason="interrupted")
+            _write_status(out, plan, reference, overrides, status)
+            return {"runs": status, "interrupted": run.name, "plots": plotted}
+        _write_status(out, plan, reference, overrides, status)
+        last = i == len(runs) or entry["status"] == "interrupted"  # plots take a second: at the end
+        plotted = write_report(_rows(runs, status, out, overrides), out, reference,
+                               f"Ablation: {Path(plan).stem}", plots=last)
+        if entry["status"] == "interrupted":
+            return {"runs": status, "interrupted": run.name, "plots": plotted}
+    return {"runs": status, "interrupted": None, "plots": plotted}
+
+
+def _log(quiet: bool, message: str) -> None:
+    if not quiet:
+        print(f"lstmlm ablate: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,28 @@
+"""benchmarks/throughput.py runs end to end (on a tiny corpus and model; no timing asserted)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
+TINY = ["embedding_size=16", "hidden_size=16", "batch_size=4", "bptt=8", "valid_batch_size=2"]
+
+
+def test_throughput_quick_json(tiny_corpus, tmp_path):
+    command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline", "--json",
+               "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256"]
+    for assignment in TINY:
+        command += ["--set", assignment]
+    env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)  # exactly one JSON object on stdout
+    assert result["preset"] == "lstm-baseline"
+    for key in ("train_tokens_per_s", "eval_tokens_per_s", "eval_b1_tokens_per_s",
+                "gemm_gflops", "train_fraction_of_peak", "plain_train_tokens_per_s",
+                "plain_train_fraction_of_peak", "ratio_to_plain", "peak_train_mb",
+                "peak_eval_mb", "forward_flops_per_token"):
+        assert isinstance(result[key], (int, float)) and result[key] > 0, key
+    assert result["forward_flops_per_token"] == result["plain_forward_flops_per_token"]

@@ -1,0 +1,110 @@
+"""`lstmlm report`: the comparison table and plots for any set of run directories."""
+
+import csv
+import shutil
+import sys
+
+import pytest
+
+from lstmlm import checkpoint as ckpt
+from lstmlm.cli import main
+from lstmlm.config import Config, load_preset
+from lstmlm.report import COLUMNS, collect_row, describe, techniques
+
+
+@pytest.fixture
+def two_runs(tiny_run, tiny_corpus, tmp_path, monkeypatch):
+    """The session's one-epoch tiny run, and a wider one stopped by a step budget."""
+    from lstmlm.train import run_training
+
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+    cfg = Config(data=str(tiny_corpus), embedding_size=16, hidden_size=24, num_layers=1,
+                 batch_size=4, bptt=8, valid_batch_size=2, test_batch_size=2, lr=1.0,
+                 max_steps=20, eval_interval=5)
+    run_training(cfg, out=tmp_path / "wide", quiet=True)
+    return tiny_run, tmp_path / "wide"
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_report_on_two_run_directories(two_runs, tmp_path, capsys):
+    import matplotlib.image
+
+    out = tmp_path / "report"
+    code = main(["report", *map(str, two_runs), "--out", str(out)])
+    stdout, stderr = capsys.readouterr()
+    assert code == 0, stderr
+    rows = read_csv(out / "results.csv")
+    assert list(rows[0]) == list(COLUMNS)
+    assert [r["name"] for r in rows] == ["run", "wide"]
+    assert [r["status"] for r in rows] == ["finished", "budget"]
+    assert rows[1]["stop_reason"] == "max_steps" and rows[1]["steps"] == "20"
+    assert float(rows[0]["delta_test_ppl"]) == 0.0  # the first directory is the reference
+    assert float(rows[1]["delta_test_ppl"]) == pytest.approx(
+        float(rows[1]["test_ppl"]) - float(rows[0]["test_ppl"]))
+    assert stdout == (out / "results.md").read_text()
+    assert "Corpus **tiny_corpus" in stdout and "each run's own budget" in stdout
+    for name in ("curves.png", "ablation.png"):
+        assert (out / name).stat().st_size > 10_000
+        height, width = matplotlib.image.imread(out / name).shape[:2]
+        assert width > 400 and height > 300
+
+
+def test_reference_and_default_out(two_runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_run, wide = two_runs
+    assert main(["report", str(tiny_run), "--reference", str(wide)]) == 0
+    rows = read_csv(tmp_path / "results.csv")
+    assert [r["name"] for r in rows] == ["wide", "run"]  # the reference is added, first
+    assert float(rows[0]["delta_test_ppl"]) == 0.0 and float(rows[1]["delta_test_ppl"]) != 0.0
+    assert "0.00 (ref)" in capsys.readouterr().out
+
+
+def test_without_matplotlib_the_tables_are_still_written(two_runs, tmp_path, capsys,
+                                                          monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails
+    out = tmp_path / "report"
+    assert main(["report", *map(str, two_runs), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install matplotlib" in err
+    assert sorted(p.name for p in out.iterdir()) == ["results.csv", "results.md"]
+
+
+def test_an_unfinished_run_is_reported_from_its_metrics(two_runs, tmp_path):
+    _, wide = two_runs
+    unfinished = tmp_path / "unfinished"
+    shutil.copytree(wide, unfinished)
+    (unfinished / ckpt.RESULTS).unlink()
+    finished, row = collect_row(wide), collect_row(unfinished)
+    assert row["status"] == "incomplete" and row["test_ppl"] is None
+    assert row["steps"] == 20 and row["best_valid_ppl"] == pytest.approx(
+        finished["best_valid_ppl"])
+    assert row["parameters"] == finished["parameters"]
+
+
+def test_not_a_run_directory_is_a_one_line_error(tmp_path, capsys):
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lstmlm: error: ") and "not an lstmlm run directory" in err
+    assert err.count("\n") == 1
+
+
+def test_techniques_follow_the_config():
+    assert techniques(Config()) == ["weight decay"]
+    assert techniques(load_preset("awd-lstm")) == [
+        "weight drop", "NT-ASGD", "variational dropout", "embedding dropout", "weight tying",
+        "variable BPTT", "AR/TAR", "weight decay"]
+    assert "AR/TAR" not in techniques(load_preset("awd-lstm-no-ar-tar"))
+    assert techniques(load_preset("awd-1-weight-drop")) == ["weight drop", "weight decay"]
+
+
+def test_budget_description():
+    def row(**kw):
+        return {"cfg": Config(data="/data/wikitext-2/", **kw)}
+    assert describe([row(max_minutes=30.0, epochs=1_000_000)] * 2) == (
+        "wikitext-2", "30 min per run, seed 1111")
+    assert describe([row(epochs=5), row(epochs=5, seed=2)]) == ("wikitext-2", "5 epochs per run")
+    assert describe([row(epochs=5), row(epochs=6)])[1] == "each run's own budget"
