@@ -9,6 +9,12 @@ torch.set_num_threads(1)
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # for the CLI subprocesses
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(monkeypatch, tmp_path):
+    """Tokenized corpora go to a per-test folder, never to ~/.cache."""
+    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real corpora (`../shared/data` beside the repo, or `$LSTMLM_TEST_DATA`).
@@ -59,3 +65,11 @@ def tiny_run(tiny_corpus, tmp_path_factory) -> Path:
         mp.setenv("LSTMLM_CACHE", str(root / "cache"))
         run_training(cfg, out=root / "run", quiet=True)
     return root / "run"
+
+
+@pytest.fixture(scope="module")
+def lm(tiny_run):
+    """The tiny run loaded through the Python API."""
+    import lstmlm
+
+    return lstmlm.load(tiny_run)

@@ -12,16 +12,6 @@ from lstmlm.errors import LstmlmError
 
 
 
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_run):
-    return lstmlm.load(tiny_run)
-
-
 @pytest.fixture(scope="module")
 def sentences(tiny_corpus) -> list[str]:
     """The distinct lines of the training split."""

@@ -5,7 +5,6 @@ import math
 import pytest
 import torch
 
-import lstmlm
 from lstmlm.data import EOS, UNK
 from lstmlm.errors import LstmlmError
 from lstmlm.generate import check_sampling, detokenize, encode_prompt, filter_logits, sample
@@ -14,16 +13,6 @@ from lstmlm.generate import check_sampling, detokenize, encode_prompt, filter_lo
 PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
 LOGITS = PROBS.log()
 
-
-
-@pytest.fixture(autouse=True)
-def isolated_cache(monkeypatch, tmp_path):
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
-
-
-@pytest.fixture(scope="module")
-def lm(tiny_run):
-    return lstmlm.load(tiny_run)
 
 
 def kept(logits: torch.Tensor) -> list[set[int]]:

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_preset, tomllib
+from .config import Config, ConfigError, load_preset, read_toml
 from .errors import LstmlmError
 from .report import (PLAN_STATUS, UNLIMITED_EPOCHS, collect_row, empty_row, read_results,
                      status_of, write_report)
@@ -72,12 +72,7 @@ def load_plan(spec: str) -> tuple[list[PlanRun], str]:
         hint = f"did you mean {close[0]}? " if close else ""
         raise PlanError(f"unknown plan {spec!r}: {hint}shipped plans are "
                         f"{', '.join(sorted(files))}, or pass a .toml file")
-    try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise PlanError(f"plan {spec}: cannot read ({e})") from None
-    except tomllib.TOMLDecodeError as e:
-        raise PlanError(f"plan {spec}: invalid TOML ({e})") from None
+    data = read_toml(path, f"plan {spec}", PlanError)
 
     def fail(message: str) -> NoReturn:
         raise PlanError(f"plan {spec}: {message}")

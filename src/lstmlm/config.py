@@ -197,13 +197,18 @@ def list_presets() -> list[tuple[str, str]]:
     return [(name, read_preset_file(path)[0]) for name, path in sorted(_preset_files().items())]
 
 
-def read_preset_file(path) -> tuple[str, dict]:
+def read_toml(path, label: str, error: type[LstmlmError] = ConfigError) -> dict:
+    """A TOML file's contents; `error(label: ...)` if it cannot be read or parsed."""
     try:
-        data = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"preset {path}: cannot read ({e})") from None
+        raise error(f"{label}: cannot read ({e})") from None
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"preset {path}: invalid TOML ({e})") from None
+        raise error(f"{label}: invalid TOML ({e})") from None
+
+
+def read_preset_file(path) -> tuple[str, dict]:
+    data = read_toml(path, f"preset {path}")
     description = data.pop("description", "")
     return description, data
 
