@@ -12,9 +12,9 @@ Run it from the repository root, with lstmlm installed (`pip install -e .`):
 For each preset (default lstm-baseline, awd-lstm, awd-lstm-cpu; on WikiText-2, found like
 `lstmlm train` finds it: `--data DIR` or a name under $LSTMLM_DATA) it measures
 
-- training tokens/s of lstmlm's real training step: the loop body of `Trainer.train` (variable
-  BPTT, `LSTMLM.loss` with the preset's regularizers, backward, clipping,
-  `Trainer.step_optimizer`) run on a `Trainer` built from the preset;
+- training tokens/s of lstmlm's real training step, `Trainer.train_step` (variable BPTT,
+  `LSTMLM.loss` with the preset's regularizers, backward, clipping, the optimizer step) on a
+  `Trainer` built from the preset;
 - evaluation tokens/s (`lstmlm.evaluate.evaluate`) at the preset's validation batch size (10)
   and at batch size 1 (AWD-LSTM's test setting), on a few BPTT windows of the validation split;
 - peak memory of each phase: the resident set's high-water mark (VmHWM, reset before each
@@ -50,7 +50,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import resource
 import statistics
@@ -68,8 +67,7 @@ from lstmlm.config import Config, load_preset, parse_assignment
 from lstmlm.data import batchify, get_batch, load_corpus
 from lstmlm.datasets import resolve_data
 from lstmlm.evaluate import evaluate
-from lstmlm.model import detach
-from lstmlm.train import Trainer, pick_device, sample_seq_len
+from lstmlm.train import Trainer, pick_device
 
 PRESETS = ("lstm-baseline", "awd-lstm", "awd-lstm-cpu")
 TRAIN_WINDOW_GFLOP = 150.0  # default work per training window
@@ -173,26 +171,13 @@ class LstmlmBench(Bench):
                 "threads": torch.get_num_threads()}
 
     def step(self) -> int:
-        """The body of Trainer.train's loop, minus its bookkeeping (logging, validation, saving)."""
-        t, cfg, model = self.trainer, self.cfg, self.model
-        model.train()
-        if t.state.position == 0 or t.hidden is None:
-            t.hidden = model.init_hidden(cfg.batch_size)
-        inputs, targets = get_batch(t.train_data, t.state.position, sample_seq_len(cfg))
-        loss, penalty, hidden = model.loss(inputs, targets, detach(t.hidden))
-        t.optimizer.zero_grad(set_to_none=True)
-        (loss + penalty).backward()
-        if cfg.clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        t.step_optimizer(inputs.size(0))
-        t.hidden = detach(hidden)
-        if not math.isfinite(loss.item()):  # Trainer.train reads the loss every step, too
-            raise RuntimeError(f"training loss became {loss.item()}")
-        t.state.step += 1
-        t.state.position += inputs.size(0)
+        """Trainer.train_step, the training loop's own step (with its end-of-epoch wrap)."""
+        t = self.trainer
+        t.model.train()
+        _, _, tokens = t.train_step()
         if t.state.position >= t.train_data.size(0) - 1:
             t.state.epoch, t.state.position = t.state.epoch + 1, 0
-        return targets.numel()
+        return tokens
 
     def evaluate(self, batch_size: int, windows: int) -> dict:
         if batch_size not in self.eval_data:

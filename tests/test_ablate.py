@@ -108,13 +108,13 @@ def test_interrupted_plan_resumes_where_it_stopped(plan, tiny_corpus, tmp_path, 
     stop_reason = Trainer.stop_reason
     interrupted = []
 
-    def ctrl_c_in_second_run(self, started):  # as if Ctrl-C came at step 6 of "awd"
+    def ctrl_c_in_second_run(self):  # as if Ctrl-C came at step 6 of "awd"
         if self.run_dir.name == "awd" and self.state.step == 6 and not interrupted:
             interrupted.append(True)
             if twice:
                 raise KeyboardInterrupt  # the last checkpoint (step 4) is resumed
             self.stop_signal = "SIGINT"
-        return stop_reason(self, started)
+        return stop_reason(self)
 
     monkeypatch.setattr(Trainer, "stop_reason", ctrl_c_in_second_run)
     out = tmp_path / "out"

@@ -158,6 +158,7 @@ class Trainer:
         tensors, meta = self.state_tensors()
         self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.STATE, tensors, meta))
         self.has_checkpoint = True
+        self.last_save = time.monotonic()
 
     def load_state(self) -> None:
         path = self.run_dir / ckpt.STATE
@@ -325,7 +326,7 @@ class Trainer:
         if self.average:
             self.average.update()
 
-    def stop_reason(self, started: float) -> str | None:
+    def stop_reason(self) -> str | None:
         cfg, st = self.cfg, self.state
         if self.stop_signal:
             return "interrupted"
@@ -335,7 +336,7 @@ class Trainer:
             return "epochs"
         if cfg.max_steps and st.step >= cfg.max_steps:
             return "max_steps"
-        if cfg.max_minutes and st.seconds + time.monotonic() - started >= cfg.max_minutes * 60:
+        if cfg.max_minutes and st.seconds >= cfg.max_minutes * 60:
             return "max_minutes"
         return None
 
@@ -365,71 +366,84 @@ class Trainer:
         st.window_loss, st.window_steps = st.window_loss + loss_value, st.window_steps + 1
         return loss_value, inputs.size(0), targets.numel()
 
-    def checkpoint_due(self, since_save: float) -> bool:
+    def checkpoint_due(self) -> bool:
         """Whether a periodic checkpoint is due (every checkpoint_steps, checkpoint_minutes)."""
-        cfg = self.cfg
+        cfg, since_save = self.cfg, time.monotonic() - self.last_save
         return bool(cfg.checkpoint_steps and self.state.step % cfg.checkpoint_steps == 0
                     or cfg.checkpoint_minutes and since_save >= cfg.checkpoint_minutes * 60)
 
+    def tick(self) -> None:
+        """Add the wall-clock time since the last tick to the run's training time."""
+        now = time.monotonic()
+        self.state.seconds += now - self.clock
+        self.clock = now
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Training speed since the last validation (step time only)."""
+        return self.window_tokens / self.window_time if self.window_time else 0.0
+
+    def advance(self, bar: tqdm) -> None:
+        """One training step, then the validation and checkpoint it makes due."""
+        cfg, st = self.cfg, self.state
+        t0 = time.monotonic()
+        loss_value, rows, tokens = self.train_step()
+        self.window_tokens += tokens
+        self.window_time += time.monotonic() - t0
+        bar.update(rows)
+        bar.set_postfix(loss=f"{loss_value:.3f}", ppl=f"{perplexity(loss_value):.1f}",
+                        lr=f"{self.lr:.3g}", tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
+        end_of_epoch = st.position >= self.train_data.size(0) - 1
+        if end_of_epoch:
+            st.epoch, st.position = st.epoch + 1, 0
+            bar.reset()
+            bar.set_description(f"epoch {st.epoch + 1}")
+        self.tick()
+        due = st.step % cfg.eval_interval == 0 if cfg.eval_interval else end_of_epoch
+        if due:
+            self.validate(st.window_loss / st.window_steps, self.tokens_per_s)
+            st.window_loss, st.window_steps = 0.0, 0
+            self.window_tokens, self.window_time = 0, 0.0
+        if due or self.checkpoint_due():
+            self.save_state()
+
+    def wrap_up(self, reason: str) -> None:
+        """At a stop: validate once more unless just done (not after a signal), then save."""
+        st = self.state
+        if reason != "interrupted" and st.validated_step != st.step:
+            self.validate(st.window_loss / max(st.window_steps, 1), self.tokens_per_s,
+                          schedule=False)
+        self.save_state()
+
     def train(self) -> dict:
-        cfg = self.cfg
         self.model.train()
         if not self.has_checkpoint:  # what a rollback before the first save returns to
             tensors, meta = self.state_tensors()
             self.initial = ({k: v.to("cpu", copy=True) for k, v in tensors.items()}, meta)
-        started = last_save = time.monotonic()
-        window_tokens, window_time = 0, 0.0
-        rows = self.train_data.size(0) - 1
-        with tqdm(total=rows, initial=self.state.position, unit="row", dynamic_ncols=True,
-                  disable=None if not self.quiet else True, leave=False, file=sys.stderr) as bar:
+        self.clock = self.last_save = time.monotonic()
+        self.window_tokens, self.window_time = 0, 0.0
+        with tqdm(total=self.train_data.size(0) - 1, initial=self.state.position, unit="row",
+                  dynamic_ncols=True, disable=True if self.quiet else None, leave=False,
+                  file=sys.stderr) as bar:
             bar.set_description(f"epoch {self.state.epoch + 1}")
             while True:
-                st = self.state  # a rollback replaces it
                 try:
-                    if (reason := self.stop_reason(started)) is not None:
-                        now = time.monotonic()
-                        st.seconds, started = st.seconds + now - started, now
-                        if reason != "interrupted" and st.validated_step != st.step:
-                            self.validate(st.window_loss / max(st.window_steps, 1),
-                                          window_tokens / window_time if window_time else 0.0,
-                                          schedule=False)
-                        self.save_state()
+                    self.tick()
+                    if (reason := self.stop_reason()) is not None:
+                        self.wrap_up(reason)
                         break
-                    t0 = time.monotonic()
-                    loss_value, seq_len, tokens = self.train_step()
-                    window_tokens += tokens
-                    window_time += time.monotonic() - t0
-                    bar.update(seq_len)
-                    bar.set_postfix(loss=f"{loss_value:.3f}", ppl=f"{perplexity(loss_value):.1f}",
-                                    lr=f"{self.lr:.3g}", tok_s=f"{window_tokens / window_time:.0f}",
-                                    refresh=False)
-                    end_of_epoch = st.position >= rows
-                    if end_of_epoch:
-                        st.epoch, st.position = st.epoch + 1, 0
-                        bar.reset()
-                        bar.set_description(f"epoch {st.epoch + 1}")
-                    now = time.monotonic()
-                    st.seconds, started = st.seconds + now - started, now
-                    due = st.step % cfg.eval_interval == 0 if cfg.eval_interval else end_of_epoch
-                    if due:
-                        self.validate(st.window_loss / st.window_steps, window_tokens / window_time)
-                        st.window_loss, st.window_steps = 0.0, 0
-                        window_tokens, window_time = 0, 0.0
-                    if due or self.checkpoint_due(now - last_save):
-                        self.save_state()
-                        last_save = time.monotonic()
+                    self.advance(bar)
                 except _NonFinite as e:
-                    self.roll_back(str(e))
-                    now = time.monotonic()
-                    self.state.seconds, started = self.state.seconds + now - started, now
-                    window_tokens, window_time = 0, 0.0
+                    self.roll_back(str(e))  # replaces self.state
+                    self.tick()
+                    self.window_tokens, self.window_time = 0, 0.0
                     bar.reset()
                     bar.update(self.state.position)
                     bar.set_description(f"epoch {self.state.epoch + 1}")
         if reason == "interrupted":
-            self.log(f"{self.stop_signal} received: saved step {st.step} to {self.run_dir}; "
-                     f"continue with `lstmlm train --resume {self.run_dir}`")
-            return {"stop_reason": reason, "steps": st.step}
+            self.log(f"{self.stop_signal} received: saved step {self.state.step} to "
+                     f"{self.run_dir}; continue with `lstmlm train --resume {self.run_dir}`")
+            return {"stop_reason": reason, "steps": self.state.step}
         return self.finish(reason)
 
     def load_best(self) -> LSTMLM:
