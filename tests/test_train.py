@@ -254,3 +254,47 @@ def test_finetune_writes_its_own_run(corpus, tmp_path):
     # Fine-tuning starts from the base model: its first validation is near the base's best.
     first = metrics(out)[0]["valid_loss"]
     assert first < json.loads((base / ckpt.RESULTS).read_text())["best_valid_loss"] * 1.5
+
+
+def test_ntasgd_average_on_scripted_validation_losses(corpus, tmp_path, monkeypatch):
+    """Validation losses are scripted so the trigger fires at a known check; the saved average
+    must equal the hand-computed mean of the weights after every step since the switch."""
+    from lstmlm import train as train_module
+    from lstmlm.train import Trainer
+
+    scripted = iter([5.0, 4.0, 4.5, 4.2, 3.9, 4.1, 4.3, 4.4])
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: (next(scripted, 4.0), 1))
+    snapshots = []
+    step_optimizer = Trainer.step_optimizer
+
+    def record(self, seq_len):
+        step_optimizer(self, seq_len)
+        snapshots.append(self.model.decoder.bias.detach().clone())
+
+    monkeypatch.setattr(Trainer, "step_optimizer", record)
+    cfg = tiny(corpus, ntasgd=True, nonmono=2, eval_interval=2, max_steps=16, lr_decay=1.0,
+               dropout_output=0.3)
+    results = run_training(cfg, out=tmp_path / "run", quiet=True)
+    # Checks i = 0..7 at steps 2, 4, ..., 16. With nonmono 2, check i compares with the best of
+    # checks 0..i-3: check 3 (4.2) with 5.0, check 4 (3.9) with 4.0, check 5 (4.1, step 12)
+    # with 4.0 -> worse: averaging covers the weights after steps 13, 14, 15, 16.
+    assert results["averaging_since_step"] == 12
+    tensors, meta = ckpt.read_tensors(tmp_path / "run" / ckpt.STATE)
+    expected = torch.stack(snapshots[12:]).mean(0)
+    assert int(meta["avg_count"]) == 4
+    assert torch.allclose(tensors["avg.decoder.bias"], expected, atol=1e-6)
+
+
+def test_gradient_clipping_bounds_the_global_norm(corpus, tmp_path):
+    from lstmlm.data import load_corpus
+    from lstmlm.train import Trainer
+
+    trainer = Trainer(tiny(corpus, clip=0.01, lr=1.0), load_corpus(corpus), tmp_path / "run",
+                      quiet=True)
+    trainer.train_step()
+    norm = torch.norm(torch.stack([p.grad.norm() for p in trainer.model.parameters()]))
+    assert norm <= 0.01 + 1e-6
+    unclipped = Trainer(tiny(corpus, clip=0.0, lr=1.0), load_corpus(corpus), tmp_path / "r2",
+                        quiet=True)
+    unclipped.train_step()
+    assert torch.norm(torch.stack([p.grad.norm() for p in unclipped.model.parameters()])) > 0.01
