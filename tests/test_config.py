@@ -72,3 +72,13 @@ def test_json_round_trip():
     cfg = load_preset("lstm-baseline")
     cfg.update({"hidden_size": 123})
     assert Config.from_dict(cfg.to_dict()) == cfg
+
+
+def test_preset_files_inherit_from_a_base(tmp_path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "parent.toml").write_text('hidden_size = 64\nlr = 3\n')
+    (tmp_path / "sub" / "child.toml").write_text('base = "parent.toml"\nlr = 7\n')
+    cfg = load_preset(str(tmp_path / "sub" / "child.toml"))
+    assert (cfg.hidden_size, cfg.lr) == (64, 7.0)
+    named = load_preset("awd-lstm-no-ar-tar")
+    assert named.hidden_size == 1150 and named.ar_alpha == 0.0

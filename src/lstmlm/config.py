@@ -1,8 +1,9 @@
 """The one configuration object: preset file -> CLI overrides -> model and trainer -> config.json.
 
 Every field has a type, a default and a help text. Presets are TOML files in `lstmlm/presets/`
-holding a `description` and any subset of the fields; the CLI can override any field with
-`--set key=value` or with the field's own flag (`--hidden-size 650`).
+holding a `description`, optionally a `base` preset to start from, and any subset of the
+fields; the CLI can override any field with `--set key=value` or with the field's own flag
+(`--hidden-size 650`).
 """
 
 from __future__ import annotations
@@ -226,6 +227,8 @@ def load_preset(name: str) -> Config:
         raise ConfigError(f"unknown preset {name!r}: {hint}`lstmlm presets` lists them")
     _, values = read_preset_file(path)
     base = values.pop("base", None)
+    if isinstance(base, str) and base.endswith(".toml") and isinstance(path, Path):
+        base = str(path.parent / base)  # a preset file's base file is found beside it
     cfg = load_preset(base) if base else Config()
     cfg.update(values, source=f"preset {name}")
     return cfg
