@@ -6,11 +6,11 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 from .allocator import keep_freed_memory
 from .checkpoint import load_run
 from .data import EOS
+from .errors import LstmlmError
 from .evaluate import perplexity
 from .generate import check_sampling, detokenize, encode_prompt, sample
 
@@ -31,28 +31,87 @@ class LanguageModel:
                           f"{shown}", stacklevel=3)
         return ids
 
-    def generate(self, prompt: str, max_tokens: int = 50, temperature: float = 1.0,
+    def generate(self, prompt: str | list[str], max_tokens: int = 50, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
-                 num_samples: int = 1) -> str | list[str]:
-        """Continuation(s) of `prompt` (without the prompt). Greedy when temperature is 0."""
+                 num_samples: int = 1):
+        """Continuation(s) of `prompt` (without the prompt). Greedy when temperature is 0.
+
+        One prompt gives a string (a list of `num_samples` strings if more than one). A list of
+        prompts, of any lengths, gives a list with one such answer per prompt: prompts are read
+        in groups of equal length (an LSTM cannot left-pad without masking), then all the
+        continuations are sampled as one batch."""
         check_sampling(max_tokens, temperature, top_k, top_p, num_samples)
-        steps = list(sample(self.model, self.encode(prompt), max_tokens, temperature, top_k,
-                            top_p, num_samples, seed))
-        ids = torch.stack(steps, dim=1).tolist()
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts:
+            raise LstmlmError("no prompts given; pass a string or a non-empty list of strings")
+        # map, not a comprehension: no extra frame, so encode's warning points at the caller
+        steps = list(sample(self.model, list(map(self.encode, prompts)), max_tokens,
+                            temperature, top_k, top_p, num_samples, seed))
+        ids = torch.stack(steps, dim=1).tolist()  # prompt-major: prompt 0's samples first
         texts = [detokenize(self.vocab.decode(row)) for row in ids]
-        return texts[0] if num_samples == 1 else texts
+        answers = [texts[i] if num_samples == 1 else texts[i: i + num_samples]
+                   for i in range(0, len(texts), num_samples)]
+        return answers[0] if isinstance(prompt, str) else answers
 
     @torch.no_grad()
+    def score(self, texts: list[str], continue_state: bool = False,
+              per_token: bool = False) -> list[dict]:
+        """Log-probability (natural log) of each text, every line of it ending with `<eos>`.
+
+        Each result is {"text", "logprob", "tokens" (words + <eos>), "ppl"}, plus "per_token"
+        ([{"token", "logprob"}, ...]) when asked. Unknown words are scored as `<unk>`. Each
+        text starts from a fresh state that has just read `<eos>`, as if it began a new line of
+        the corpus; with `continue_state`, from the state the previous text left (one document).
+        """
+        if isinstance(texts, str):
+            raise LstmlmError("score takes a list of texts; for one text pass [text]")
+        model = self.model.eval()
+        eos = torch.tensor([[self.vocab.eos_id]], device=model.decoder.weight.device)
+        fresh_logits, fresh_hidden = model(eos, model.init_hidden(1))
+        logits, hidden = fresh_logits[-1], fresh_hidden
+        results = []
+        for text in texts:
+            words = [w for line in text_lines(text) for w in line.split() + [EOS]]
+            ids = torch.tensor([self.vocab.index.get(w, self.vocab.unk_id) for w in words],
+                               device=eos.device)
+            log_probs, next_logits, next_hidden = self._read(ids, logits, hidden)
+            if continue_state:
+                logits, hidden = next_logits, next_hidden
+            logprob = log_probs.double().sum().item()
+            result = {"text": text, "logprob": logprob, "tokens": len(words),
+                      "ppl": perplexity(-logprob / len(words))}
+            if per_token:
+                result["per_token"] = [{"token": w, "logprob": lp}
+                                       for w, lp in zip(words, log_probs.tolist())]
+            results.append(result)
+        return results
+
+    def _read(self, ids: torch.Tensor, logits: torch.Tensor, hidden, chunk: int = 1024):
+        """Log-probabilities of `ids` given the next-token `logits` (1, vocab) and state
+        `hidden`, then the logits and state after reading them; in chunks, so that a long text
+        never holds more than `chunk` x vocab logits."""
+        log_probs = []
+        for start in range(0, len(ids), chunk):
+            x = ids[start: start + chunk]
+            out, hidden = self.model(x.unsqueeze(1), hidden)
+            predicted = torch.cat([logits, out[:-1, 0]])
+            log_probs.append(torch.log_softmax(predicted, -1).gather(1, x.unsqueeze(1)).squeeze(1))
+            logits = out[-1:, 0]
+        return torch.cat(log_probs), logits, hidden
+
     def perplexity(self, text: str) -> float:
         """Perplexity of `text` (an `<eos>` after each line), starting from a fresh state
         after an `<eos>`, as if the text began a new line of the corpus."""
-        lines = text.splitlines() or [""]
-        words = [w for line in lines for w in line.split() + [EOS]]
-        ids = [self.vocab.index.get(w, self.vocab.unk_id) for w in words]
-        inputs = torch.tensor([self.vocab.eos_id] + ids[:-1]).unsqueeze(1)
-        logits, _ = self.model(inputs, self.model.init_hidden(1))
-        loss = F.cross_entropy(logits.squeeze(1), torch.tensor(ids))
-        return perplexity(loss.item())
+        return self.score([text])[0]["ppl"]
+
+
+def text_lines(text: str) -> list[str]:
+    """Lines as the corpus reader splits them (\\n, \\r\\n, \\r; a final line break adds no line);
+    an empty text is one empty line, i.e. a lone `<eos>`."""
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    if len(lines) > 1 and lines[-1] == "":
+        lines.pop()
+    return lines
 
 
 def load(run_dir: str | Path) -> LanguageModel:

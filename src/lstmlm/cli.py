@@ -1,4 +1,4 @@
-"""The `lstmlm` command: presets, train, evaluate, generate, ablate, report.
+"""The `lstmlm` command: presets, train, evaluate, score, generate, export, ablate, report.
 
 User mistakes end with one line on stderr (`lstmlm: error: ...`) and exit status 1, never a
 traceback; argparse's usage errors exit with 2.
@@ -72,28 +72,155 @@ def cmd_finetune(args) -> None:
     print(json.dumps(run_finetune(Path(args.run_dir), out, config_overrides(args))))
 
 
+def check_evaluate_options(args) -> None:
+    """Refuse impossible or unused cache / dynamic evaluation options before loading anything."""
+    from .cache import DEFAULT_LAMBDA, DEFAULT_THETA, DEFAULT_WINDOW, check_cache
+    from .dynamic import (DEFAULT_BPTT, DEFAULT_DECAY, DEFAULT_LR, DEFAULT_STAT_BATCHES,
+                          check_dynamic)
+
+    cache = args.cache or args.cache_search
+    if cache and args.dynamic:
+        raise LstmlmError("--cache and --dynamic cannot be combined; choose one")
+    for prefix, on in (("cache", cache), ("dynamic", args.dynamic)):
+        given = [k for k, v in vars(args).items()
+                 if k.startswith(prefix + "_") and v not in (None, False)]
+        if given and not on:
+            flag = "--" + given[0].replace("_", "-")
+            raise LstmlmError(f"{flag} only applies with --{prefix}")
+    if args.cache_search and (args.cache_theta is not None or args.cache_lambda is not None):
+        raise LstmlmError("--cache-search chooses theta and lambda; drop --cache-theta and "
+                          "--cache-lambda")
+    defaults = {"cache_window": DEFAULT_WINDOW, "cache_theta": DEFAULT_THETA,
+                "cache_lambda": DEFAULT_LAMBDA, "dynamic_lr": DEFAULT_LR,
+                "dynamic_decay": DEFAULT_DECAY, "dynamic_bptt": DEFAULT_BPTT,
+                "dynamic_batches": DEFAULT_STAT_BATCHES}
+    for name, value in defaults.items():
+        if getattr(args, name) is None:
+            setattr(args, name, value)
+    check_cache(args.cache_window, args.cache_theta, args.cache_lambda)
+    check_dynamic(args.dynamic_lr, args.dynamic_decay, args.dynamic_bptt, args.dynamic_batches)
+
+
 def cmd_evaluate(args) -> None:
     from .checkpoint import load_run
     from .data import batchify, find_split_files, read_lines
     from .datasets import resolve_data
     from .evaluate import evaluate, perplexity
 
+    check_evaluate_options(args)
+    cache = args.cache or args.cache_search
     cfg, vocab, model = load_run(Path(args.run_dir))
     files = find_split_files(resolve_data(args.data or cfg.data))
     ids, unknown = vocab.encode(read_lines(files[args.split]))
     batch_size = args.batch_size
     if batch_size is None:  # not `or`: --batch-size 0 is a mistake, not the default
-        batch_size = cfg.valid_batch_size if args.split == "valid" else cfg.test_batch_size
+        if cache or args.dynamic:
+            batch_size = 1  # the papers' setting: one stream, one cache / one adapting model
+        else:
+            batch_size = cfg.valid_batch_size if args.split == "valid" else cfg.test_batch_size
     if batch_size < 1:
         raise LstmlmError(f"--batch-size must be at least 1, got {batch_size}")
-    loss, tokens = evaluate(model, batchify(ids, batch_size), cfg.bptt)
-    result = {"split": args.split, "loss": loss, "ppl": perplexity(loss), "tokens": tokens,
-              "unknown_words": unknown, "batch_size": batch_size, "data": str(files[args.split])}
+    data = batchify(ids, batch_size)
+    result = {"split": args.split}
+    if cache:
+        from .cache import cache_evaluate, cache_search
+
+        if args.cache_search:
+            valid = ids if args.split == "valid" else vocab.encode(read_lines(files["valid"]))[0]
+            grid = cache_search(model, batchify(valid, batch_size), cfg.bptt, args.cache_window)
+            args.cache_theta, args.cache_lambda = grid[0]["theta"], grid[0]["lambda"]
+            result["cache_search"] = [{**r, "ppl": perplexity(r["loss"])} for r in grid]
+            if not args.json:
+                print(f"cache search on valid: best theta {args.cache_theta} lambda "
+                      f"{args.cache_lambda} (valid perplexity {perplexity(grid[0]['loss']):.2f}, "
+                      f"{len(grid)} pairs tried)")
+        loss, tokens = cache_evaluate(model, data, cfg.bptt, args.cache_window, args.cache_theta,
+                                      args.cache_lambda)
+        result["cache"] = {"window": args.cache_window, "theta": args.cache_theta,
+                           "lambda": args.cache_lambda}
+        method = (f", cache window {args.cache_window} theta {args.cache_theta} "
+                  f"lambda {args.cache_lambda}")
+    elif args.dynamic:
+        from .dynamic import dynamic_evaluate
+
+        train = vocab.encode(read_lines(files["train"]))[0]
+        loss, tokens = dynamic_evaluate(model, data, train, args.dynamic_bptt, args.dynamic_lr,
+                                        args.dynamic_decay, args.dynamic_batches)
+        result["dynamic"] = {"lr": args.dynamic_lr, "decay": args.dynamic_decay,
+                             "bptt": args.dynamic_bptt, "stat_batches": args.dynamic_batches}
+        method = f", dynamic lr {args.dynamic_lr} decay {args.dynamic_decay}"
+    else:
+        loss, tokens = evaluate(model, data, cfg.bptt)
+        method = ""
+    result.update({"loss": loss, "ppl": perplexity(loss), "tokens": tokens,
+                   "unknown_words": unknown, "batch_size": batch_size,
+                   "data": str(files[args.split])})
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.split}: loss {loss:.4f} | perplexity {perplexity(loss):.2f} | "
-              f"{tokens:,} tokens (batch size {batch_size})")
+              f"{tokens:,} tokens (batch size {batch_size}{method})")
+
+
+def read_input(source: str) -> str:
+    """The UTF-8 text of FILE, or of stdin for '-'; one clear line for anything else."""
+    name = "stdin" if source == "-" else source
+    try:
+        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
+    except FileNotFoundError:
+        raise LstmlmError(f"{name}: file not found") from None
+    except IsADirectoryError:
+        raise LstmlmError(f"{name}: is a directory, expected a text file") from None
+    except OSError as e:
+        raise LstmlmError(f"{name}: cannot read ({e.strerror})") from None
+    if b"\x00" in raw[:1 << 20]:
+        raise LstmlmError(f"{name}: looks like a binary file (contains NUL bytes)")
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise LstmlmError(f"{name}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at "
+                          f"offset {e.start})") from None
+    if not text.strip():
+        raise LstmlmError(f"{name}: no text to score (the input is empty)")
+    return text
+
+
+def cmd_score(args) -> None:
+    from .api import load, text_lines
+    from .evaluate import perplexity
+
+    lm = load(args.run_dir)
+    lines = text_lines(read_input(args.file))
+    unknown = [w for line in lines for w in line.split() if w not in lm.vocab.index]
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+        warnings.warn(f"{len(unknown)} word(s) not in the vocabulary, scored as <unk>: {shown}")
+    results = lm.score(lines, continue_state=args.continue_state, per_token=args.per_token)
+    logprob = sum(r["logprob"] for r in results)
+    tokens = sum(r["tokens"] for r in results)
+    total = {"logprob": logprob, "tokens": tokens, "ppl": perplexity(-logprob / tokens)}
+    if args.json:
+        print(json.dumps({"lines": results, "total": total,
+                          "continue_state": args.continue_state}))
+        return
+    print(f"{'logprob':>10} {'tokens':>6} {'ppl':>9}  text")
+    for r in results:
+        print(f"{r['logprob']:10.4f} {r['tokens']:6d} {r['ppl']:9.2f}  {r['text']}")
+        for t in r.get("per_token", []):
+            print(f"{t['logprob']:10.4f} {'':6} {'':9}    {t['token']}")
+    print(f"total: logprob {logprob:.4f} (natural log) | {tokens:,} tokens | "
+          f"perplexity {perplexity(-logprob / tokens):.2f}")
+
+
+def cmd_export(args) -> None:
+    from .checkpoint import load_run
+    from .export import check_export, export_model
+
+    check_export(args.format, Path(args.out))
+    _, vocab, model = load_run(Path(args.run_dir))
+    out = export_model(model, args.format, Path(args.out), vocab.words)
+    print(f"wrote {out} ({args.format}); inputs tokens (time, batch) and h0, c0, ... "
+          f"(1, batch, size) per layer; vocabulary: {Path(args.run_dir) / 'vocab.txt'}")
 
 
 def cmd_generate(args) -> None:
@@ -174,13 +301,71 @@ def build_parser() -> ArgumentParser:
     add_config_flags(p)
     p.set_defaults(func=cmd_finetune)
 
-    p = sub.add_parser("evaluate", help="perplexity of a trained model on a split")
+    p = sub.add_parser(
+        "evaluate", help="perplexity of a trained model on a split",
+        description="Perplexity of a trained model on a split: plain, with a continuous cache "
+                    "pointer (--cache, Grave et al. 2017) or with dynamic evaluation "
+                    "(--dynamic, Krause et al. 2018). Both default to batch size 1, the "
+                    "papers' setting; with --batch-size N each of the N streams has its own "
+                    "cache, while dynamic evaluation adapts one model shared by the streams.")
     p.add_argument("run_dir")
     p.add_argument("--data", help="data directory or dataset name (default: the run's)")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test")
-    p.add_argument("--batch-size", type=int, help="default: the run's valid/test batch size")
+    p.add_argument("--batch-size", type=int,
+                   help="default: the run's valid/test batch size; 1 with --cache or --dynamic")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    g = p.add_argument_group("continuous cache pointer")
+    g.add_argument("--cache", action="store_true",
+                   help="mix the model with a cache of its recent hidden states and next words")
+    g.add_argument("--cache-window", type=int, metavar="W",
+                   help="hidden states in the cache (default 3785)")
+    g.add_argument("--cache-theta", type=float, metavar="T",
+                   help="sharpness of the cache's attention (default 0.662)")
+    g.add_argument("--cache-lambda", type=float, metavar="L",
+                   help="weight of the cache in the mixture, in [0, 1] (default 0.1279)")
+    g.add_argument("--cache-search", action="store_true",
+                   help="choose theta and lambda on the valid split (small grid), then evaluate "
+                        "--split with the best pair")
+    g = p.add_argument_group("dynamic evaluation")
+    g.add_argument("--dynamic", action="store_true",
+                   help="adapt a copy of the weights to the text as it is scored")
+    g.add_argument("--dynamic-lr", type=float, metavar="LR", help="step size (default 5e-05)")
+    g.add_argument("--dynamic-decay", type=float, metavar="D",
+                   help="pull toward the trained weights, in [0, 1] (default 0.002)")
+    g.add_argument("--dynamic-bptt", type=int, metavar="N",
+                   help="tokens per segment, one update each (default 5)")
+    g.add_argument("--dynamic-batches", type=int, metavar="N",
+                   help="training batches (100 streams x --dynamic-bptt tokens each) for the "
+                        "gradient statistics (default 100)")
     p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser(
+        "score", help="log-probability of each line of a text",
+        description="Score each line of FILE (or stdin): natural-log probability, tokens "
+                    "(words + <eos>) and perplexity, then the total. Unknown words are scored "
+                    "as <unk>; an empty line is a lone <eos>. By default each line starts from "
+                    "a fresh state that has just read <eos> (independent sentences); with "
+                    "--continue-state the state carries from line to line (one document).")
+    p.add_argument("run_dir")
+    p.add_argument("file", nargs="?", default="-", metavar="FILE",
+                   help="text file, one sentence per line; - or nothing: stdin")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--per-token", action="store_true", help="also each token's log-probability")
+    p.add_argument("--continue-state", action="store_true",
+                   help="carry the state from line to line instead of starting each line fresh")
+    p.set_defaults(func=cmd_score)
+
+    p = sub.add_parser(
+        "export", help="export for inference: TorchScript or ONNX",
+        description="Write the model as TorchScript or ONNX with the LSTM state as explicit "
+                    "inputs and outputs: forward(tokens, h0, c0, h1, c1, ...) -> (logits, "
+                    "h0_out, c0_out, ...); tokens (time, batch) int64, each state (1, batch, "
+                    "layer size), zeros for a fresh start. The vocabulary is RUN_DIR/vocab.txt "
+                    "(line i is id i); TorchScript files also hold it as the extra file vocab.txt.")
+    p.add_argument("run_dir")
+    p.add_argument("--format", required=True, help="torchscript or onnx")
+    p.add_argument("--out", required=True, help="file to write")
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("run_dir")

@@ -56,10 +56,36 @@ def encode_prompt(vocab: Vocab, prompt: str) -> tuple[list[int], list[str]]:
 
 
 @torch.no_grad()
-def sample(model: LSTMLM, prompt_ids: list[int], max_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
+def read_prompts(model: LSTMLM, prompts: list[list[int]]):
+    """Next-token logits (prompts, vocab) and hidden state (batch = prompts) after each prompt.
+
+    Prompts of one length are read as one batch; prompts of different lengths separately, as
+    padding would feed the LSTM tokens that are not in the prompt.
+    """
+    device = model.decoder.weight.device
+    by_length: dict[int, list[int]] = {}
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    order, logits, states = [], [], []
+    for group in by_length.values():
+        tokens = torch.tensor([prompts[i] for i in group], device=device).t()  # (time, group)
+        out, hidden = model(tokens, model.init_hidden(len(group)))
+        order += group
+        logits.append(out[-1])
+        states.append(hidden)
+    back = torch.argsort(torch.tensor(order, device=device))  # back to the prompts' order
+    hidden = [(torch.cat([s[layer][0] for s in states], 1)[:, back],
+               torch.cat([s[layer][1] for s in states], 1)[:, back])
+              for layer in range(len(model.layers))]
+    return torch.cat(logits)[back], hidden
+
+
+@torch.no_grad()
+def sample(model: LSTMLM, prompt_ids: list[int] | list[list[int]], max_tokens: int,
+           temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0, num_samples: int = 1,
            seed: int | None = None) -> Iterator[torch.Tensor]:
-    """Yield, at each step, the next token of each of `num_samples` continuations (one batch)."""
+    """Yield, at each step, the next token of each of `num_samples` continuations of each
+    prompt (one prompt's ids, or a list of prompts), all as one batch, prompt-major."""
     model.eval()
     device = model.decoder.weight.device
     generator = torch.Generator(device=device)
@@ -67,10 +93,10 @@ def sample(model: LSTMLM, prompt_ids: list[int], max_tokens: int, temperature: f
         generator.seed()  # not torch.seed(), which would reseed the global generator
     else:
         generator.manual_seed(seed)
-    prompt = torch.tensor(prompt_ids, device=device).unsqueeze(1)
-    logits, hidden = model(prompt, model.init_hidden(1))
-    logits = logits[-1].expand(num_samples, -1)
-    hidden = [(h.expand(-1, num_samples, -1).contiguous(), c.expand(-1, num_samples, -1).contiguous())
+    prompts = prompt_ids if prompt_ids and isinstance(prompt_ids[0], list) else [prompt_ids]
+    logits, hidden = read_prompts(model, prompts)
+    logits = logits.repeat_interleave(num_samples, 0)
+    hidden = [(h.repeat_interleave(num_samples, 1), c.repeat_interleave(num_samples, 1))
               for h, c in hidden]
     for _ in range(max_tokens):
         if temperature == 0:
