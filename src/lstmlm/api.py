@@ -9,7 +9,7 @@ import torch
 
 from .allocator import keep_freed_memory
 from .checkpoint import load_run
-from .data import EOS
+from .data import EOS, split_lines
 from .errors import LstmlmError
 from .evaluate import perplexity
 from .generate import check_sampling, detokenize, encode_prompt, sample
@@ -71,7 +71,7 @@ class LanguageModel:
         logits, hidden = fresh_logits[-1], fresh_hidden
         results = []
         for text in texts:
-            words = [w for line in text_lines(text) for w in line.split() + [EOS]]
+            words = [w for line in split_lines(text) for w in line.split() + [EOS]]
             ids = torch.tensor([self.vocab.index.get(w, self.vocab.unk_id) for w in words],
                                device=eos.device)
             log_probs, next_logits, next_hidden = self._read(ids, logits, hidden)
@@ -103,15 +103,6 @@ class LanguageModel:
         """Perplexity of `text` (an `<eos>` after each line), starting from a fresh state
         after an `<eos>`, as if the text began a new line of the corpus."""
         return self.score([text])[0]["ppl"]
-
-
-def text_lines(text: str) -> list[str]:
-    """Lines as the corpus reader splits them (\\n, \\r\\n, \\r; a final line break adds no line);
-    an empty text is one empty line, i.e. a lone `<eos>`."""
-    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if len(lines) > 1 and lines[-1] == "":
-        lines.pop()
-    return lines
 
 
 def load(run_dir: str | Path) -> LanguageModel:

@@ -186,11 +186,12 @@ def read_input(source: str) -> str:
 
 
 def cmd_score(args) -> None:
-    from .api import load, text_lines
+    from .api import load
+    from .data import split_lines
     from .evaluate import perplexity
 
     lm = load(args.run_dir)
-    lines = text_lines(read_input(args.file))
+    lines = split_lines(read_input(args.file))
     unknown = [w for line in lines for w in line.split() if w not in lm.vocab.index]
     if unknown:
         shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")

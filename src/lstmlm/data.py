@@ -62,12 +62,19 @@ def read_lines(path: Path) -> list[list[str]]:
             "convert it to UTF-8, e.g. with iconv") from None
     if not text.strip():
         raise CorpusError(f"{path}: contains no words; every split needs some text")
-    # Universal newlines (\n, \r\n, \r) as Python's text mode reads them; not str.splitlines(),
-    # which also breaks on form feeds and other separators the reference code keeps inside lines.
+    return [line.split() for line in split_lines(text)]
+
+
+def split_lines(text: str) -> list[str]:
+    """Lines as Python's text mode reads them (\n, \r\n, \r; a final line break adds no line).
+
+    Not str.splitlines(), which also breaks on form feeds and other separators that the
+    reference code keeps inside lines. An empty text is one empty line.
+    """
     lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
-    if lines[-1] == "":
+    if len(lines) > 1 and lines[-1] == "":
         lines.pop()
-    return [line.split() for line in lines]
+    return lines
 
 
 def count_tokens(path: Path) -> int:
