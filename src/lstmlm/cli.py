@@ -164,24 +164,12 @@ def cmd_evaluate(args) -> None:
 
 def read_input(source: str) -> str:
     """The UTF-8 text of FILE, or of stdin for '-'; one clear line for anything else."""
-    name = "stdin" if source == "-" else source
-    try:
-        raw = sys.stdin.buffer.read() if source == "-" else Path(source).read_bytes()
-    except FileNotFoundError:
-        raise LstmlmError(f"{name}: file not found") from None
-    except IsADirectoryError:
-        raise LstmlmError(f"{name}: is a directory, expected a text file") from None
-    except OSError as e:
-        raise LstmlmError(f"{name}: cannot read ({e.strerror})") from None
-    if b"\x00" in raw[:1 << 20]:
-        raise LstmlmError(f"{name}: looks like a binary file (contains NUL bytes)")
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise LstmlmError(f"{name}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at "
-                          f"offset {e.start})") from None
+    from .data import read_text
+
+    text = read_text(source)
     if not text.strip():
-        raise LstmlmError(f"{name}: no text to score (the input is empty)")
+        raise LstmlmError(f"{'stdin' if source == '-' else source}: no text to score (the input "
+                          "is empty)")
     return text
 
 

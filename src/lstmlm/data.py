@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,25 +42,31 @@ def cache_root() -> Path:
     return Path(xdg) / "lstmlm"
 
 
-def read_lines(path: Path) -> list[list[str]]:
-    """Words of each line of a UTF-8 text file; a clear error for anything that is not text."""
-    path = Path(path)
+def read_text(source) -> str:
+    """The UTF-8 text of a file (`-`: standard input), with one clear error for anything that
+    is not text."""
+    name = "stdin" if str(source) == "-" else str(source)
     try:
-        raw = path.read_bytes()
+        raw = sys.stdin.buffer.read() if str(source) == "-" else Path(source).read_bytes()
     except FileNotFoundError:
-        raise CorpusError(f"{path}: file not found") from None
+        raise CorpusError(f"{name}: file not found") from None
     except IsADirectoryError:
-        raise CorpusError(f"{path}: is a directory, expected a text file") from None
+        raise CorpusError(f"{name}: is a directory, expected a text file") from None
     except OSError as e:
-        raise CorpusError(f"{path}: cannot read ({e.strerror})") from None
+        raise CorpusError(f"{name}: cannot read ({e.strerror})") from None
     if b"\x00" in raw[:1 << 20]:
-        raise CorpusError(f"{path}: looks like a binary file (contains NUL bytes); pass plain UTF-8 text")
+        raise CorpusError(f"{name}: looks like a binary file (contains NUL bytes); pass plain UTF-8 text")
     try:
-        text = raw.decode("utf-8")
+        return raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise CorpusError(
-            f"{path}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"{name}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
             "convert it to UTF-8, e.g. with iconv") from None
+
+
+def read_lines(path: Path) -> list[list[str]]:
+    """Words of each line of a UTF-8 text file; a clear error for anything that is not text."""
+    text = read_text(path)
     if not text.strip():
         raise CorpusError(f"{path}: contains no words; every split needs some text")
     return [line.split() for line in split_lines(text)]
