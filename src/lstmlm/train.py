@@ -245,8 +245,7 @@ class Trainer:
         self.model.train()
         st = self.state
         st.nan_rollbacks, st.seconds = rollbacks, failed.seconds
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * cfg.nan_lr_factor
+        self.lr = lr * cfg.nan_lr_factor
         self.trim_metrics()
         self.log(f"step {failed.step}: {problem}; rolled back to step {st.step} with the lr "
                  f"lowered to {self.lr:.3g} (rollback {rollbacks} of at most "
@@ -257,6 +256,11 @@ class Trainer:
     @property
     def lr(self) -> float:
         return self.optimizer.param_groups[0]["lr"]
+
+    @lr.setter
+    def lr(self, value: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = value
 
     def validate(self, train_loss: float, tokens_per_s: float, schedule: bool = True) -> float:
         """Validate, keep the best weights, log a metrics line; with `schedule`, decay the lr
@@ -307,9 +311,7 @@ class Trainer:
             return
         st.bad_checks += 1
         if st.bad_checks > cfg.lr_patience and cfg.lr_decay > 1:
-            new_lr = max(self.lr / cfg.lr_decay, cfg.min_lr)
-            for group in self.optimizer.param_groups:
-                group["lr"] = new_lr
+            self.lr = max(self.lr / cfg.lr_decay, cfg.min_lr)
             st.bad_checks = 0
 
     # ---- the loop -------------------------------------------------------------------------
@@ -317,12 +319,10 @@ class Trainer:
     def step_optimizer(self, seq_len: int) -> None:
         """One optimizer step; under variable BPTT the lr is scaled by seq_len / bptt for it."""
         lr = self.lr
-        scale = seq_len / self.cfg.bptt if self.cfg.variable_bptt else 1.0
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr * scale
+        if self.cfg.variable_bptt:
+            self.lr = lr * seq_len / self.cfg.bptt
         self.optimizer.step()
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
+        self.lr = lr
         if self.average:
             self.average.update()
 
