@@ -73,3 +73,15 @@ def lm(tiny_run):
     import lstmlm
 
     return lstmlm.load(tiny_run)
+
+
+@pytest.fixture(scope="module")
+def repeated(lm) -> torch.Tensor:
+    """20 vocabulary words in a random order (nothing like the training text), 5 times: text
+    that the cache pointer and dynamic evaluation should find easier than the model alone."""
+    import random
+
+    rng = random.Random(0)
+    words = [w for w in lm.vocab.words if w not in ("<eos>", "<unk>")]
+    sequence = [rng.choice(words) for _ in range(20)]
+    return torch.tensor([lm.vocab.index[w] for w in sequence * 5])

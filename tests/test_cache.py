@@ -2,7 +2,6 @@
 
 import json
 import math
-import random
 
 import pytest
 import torch
@@ -18,15 +17,6 @@ from lstmlm.evaluate import evaluate
 def test_ids(lm, tiny_corpus) -> torch.Tensor:
     """The first 90 tokens of the tiny test split."""
     return lm.vocab.encode(read_lines(tiny_corpus / "test.txt"))[0][:90]
-
-
-@pytest.fixture(scope="module")
-def repeated(lm) -> torch.Tensor:
-    """20 vocabulary words in a random order (nothing like the training text), 5 times."""
-    rng = random.Random(0)
-    words = [w for w in lm.vocab.words if w not in ("<eos>", "<unk>")]
-    sequence = [rng.choice(words) for _ in range(20)]
-    return torch.tensor([lm.vocab.index[w] for w in sequence * 5])
 
 
 def reference_loss(model, streams: list[list[int]], window: int, theta: float,

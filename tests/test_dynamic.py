@@ -2,7 +2,6 @@
 
 import json
 import math
-import random
 import shutil
 from pathlib import Path
 
@@ -19,15 +18,6 @@ from lstmlm.evaluate import evaluate
 @pytest.fixture(scope="module")
 def train_ids(lm, tiny_corpus) -> torch.Tensor:
     return lm.vocab.encode(read_lines(tiny_corpus / "train.txt"))[0]
-
-
-@pytest.fixture(scope="module")
-def repeated(lm) -> torch.Tensor:
-    """20 vocabulary words in a random order (nothing like the training text), 5 times."""
-    rng = random.Random(0)
-    words = [w for w in lm.vocab.words if w not in ("<eos>", "<unk>")]
-    sequence = [rng.choice(words) for _ in range(20)]
-    return torch.tensor([lm.vocab.index[w] for w in sequence * 5])
 
 
 def weights(model) -> dict[str, torch.Tensor]:
