@@ -157,31 +157,18 @@ def test_unreachable_host(tmp_path, dead_url):
     assert list(root.iterdir()) == []
 
 
-def test_missing_member(server, tmp_path):
+@pytest.mark.parametrize("name, path, message", [
+    ("wikitext-2", "wt2-no-test.zip", r"no wikitext-2/wiki\.test\.tokens \(the test split\)"),
+    ("wikitext-2", "nope.zip", r"HTTP 404.*--data"),
+    ("wikitext-2", "not-an-archive.zip", r"neither a zip nor a tar archive"),
+    ("ptb", "ptb-truncated.tgz", r"the archive is damaged"),
+])
+def test_bad_downloads_leave_nothing(server, tmp_path, name, path, message):
+    """A missing member, an HTTP error, a non-archive or a truncated archive: one line, and
+    nothing left in the data directory."""
     root = tmp_path / "data"
-    with pytest.raises(DownloadError, match=r"no wikitext-2/wiki\.test\.tokens \(the test split\)"):
-        download_dataset("wikitext-2", root=root, url=f"{server[0]}/wt2-no-test.zip")
-    assert list(root.iterdir()) == []
-
-
-def test_http_404(server, tmp_path):
-    root = tmp_path / "data"
-    with pytest.raises(DownloadError, match=r"HTTP 404.*--data"):
-        download_dataset("wikitext-2", root=root, url=f"{server[0]}/nope.zip")
-    assert list(root.iterdir()) == []
-
-
-def test_not_an_archive(server, tmp_path):
-    root = tmp_path / "data"
-    with pytest.raises(DownloadError, match=r"neither a zip nor a tar archive"):
-        download_dataset("wikitext-2", root=root, url=f"{server[0]}/not-an-archive.zip")
-    assert list(root.iterdir()) == []
-
-
-def test_truncated_archive(server, tmp_path):
-    root = tmp_path / "data"
-    with pytest.raises(DownloadError, match=r"the archive is damaged") as e:
-        download_dataset("ptb", root=root, url=f"{server[0]}/ptb-truncated.tgz")
+    with pytest.raises(DownloadError, match=message) as e:
+        download_dataset(name, root=root, url=f"{server[0]}/{path}")
     assert "\n" not in str(e.value)
     assert list(root.iterdir()) == []
 
