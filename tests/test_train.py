@@ -116,6 +116,16 @@ def test_time_budget_stops_cleanly(corpus, tmp_path):
     assert (tmp_path / "run" / ckpt.WEIGHTS).is_file() and results["test_ppl"] > 1
 
 
+def test_eval_minutes_validates_by_training_time(corpus, tmp_path, monkeypatch):
+    clock = iter(range(0, 10**6, 2))  # every reading of the clock is 2 s later
+    monkeypatch.setattr("lstmlm.train.time.monotonic", lambda: next(clock))
+    run_training(tiny(corpus, epochs=1000, max_steps=60, eval_interval=10**6, eval_minutes=0.5),
+                 out=tmp_path / "run", quiet=True)
+    seconds = [m["seconds"] for m in metrics(tmp_path / "run")]
+    assert len(seconds) >= 4  # validations every 30 s of training, then the one at the stop
+    assert all(b - a >= 30 for a, b in zip(seconds[:-2], seconds[1:-1]))
+
+
 def test_adam_and_adamw_train(corpus, tmp_path):
     for opt in ("adam", "adamw"):
         r = run_training(tiny(corpus, optimizer=opt, lr=0.01, max_steps=3), out=tmp_path / opt,

@@ -73,6 +73,7 @@ class Config:
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
     max_minutes: float = _f(0.0, "stop after this many minutes of training (0: no limit)")
     eval_interval: int = _f(0, "validate every N steps (0: once per epoch)")
+    eval_minutes: float = _f(0.0, "also validate every N minutes of training time (0: off)")
     checkpoint_minutes: float = _f(10.0, "also save a resumable checkpoint every N minutes")
     checkpoint_steps: int = _f(0, "also save a resumable checkpoint every N steps (0: off)")
     nan_lr_factor: float = _f(0.5, "on a non-finite loss or gradient, roll back to the last "
@@ -118,8 +119,8 @@ class Config:
             p = getattr(self, name)
             need(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
         for name in ("momentum", "weight_decay", "clip", "max_steps", "max_minutes",
-                     "eval_interval", "checkpoint_minutes", "checkpoint_steps", "lr_patience",
-                     "min_lr", "last_hidden_size", "bptt_max_extra", "ar_alpha", "tar_beta",
+                     "eval_interval", "eval_minutes", "checkpoint_minutes", "checkpoint_steps",
+                     "lr_patience", "min_lr", "last_hidden_size", "bptt_max_extra", "ar_alpha", "tar_beta",
                      "max_nan_retries"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")

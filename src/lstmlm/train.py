@@ -39,8 +39,8 @@ from .model import LSTMLM, Hidden, count_parameters, detach
 from .optim import WeightAverage, make_optimizer, nonmono_triggered
 
 # Fields a resumed run may change: its budget. Anything else would make it another run.
-RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "checkpoint_minutes",
-                       "checkpoint_steps", "max_nan_retries")
+RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "eval_minutes",
+                       "checkpoint_minutes", "checkpoint_steps", "max_nan_retries")
 
 
 class DivergedError(LstmlmError):
@@ -64,6 +64,7 @@ class TrainState:
     plateau_best: float = math.inf  # best of the scheduled validations (for lr decay)
     bad_checks: int = 0  # scheduled validations since plateau_best improved
     validated_step: int = -1  # step of the last validation
+    validated_seconds: float = 0.0  # training time at the last scheduled validation
     window_loss: float = 0.0  # sum of training losses since the last scheduled validation
     window_steps: int = 0
     valid_history: list = dataclasses.field(default_factory=list)  # scheduled checks' losses
@@ -400,7 +401,10 @@ class Trainer:
             bar.set_description(f"epoch {st.epoch + 1}")
         self.tick()
         due = st.step % cfg.eval_interval == 0 if cfg.eval_interval else end_of_epoch
+        due = due or bool(cfg.eval_minutes and
+                          st.seconds - st.validated_seconds >= cfg.eval_minutes * 60)
         if due:
+            st.validated_seconds = st.seconds
             self.validate(st.window_loss / st.window_steps, self.tokens_per_s)
             st.window_loss, st.window_steps = 0.0, 0
             self.window_tokens, self.window_time = 0, 0.0
