@@ -26,3 +26,18 @@ def test_throughput_quick_json(tiny_corpus, tmp_path):
                 "peak_eval_mb", "forward_flops_per_token"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["forward_flops_per_token"] == result["plain_forward_flops_per_token"]
+
+
+def test_ranks_json(tiny_corpus, tmp_path):
+    script = SCRIPT.with_name("ranks.py")
+    command = [sys.executable, str(script), "--data", str(tiny_corpus), "--ranks", "1", "2",
+               "--steps", "8", "--json", "--preset", "lstm-baseline"]
+    for assignment in TINY:
+        command += ["--set", assignment]
+    env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache"), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert [r["ranks"] for r in result["results"]] == [1, 2]
+    assert all(r["tokens_per_s"] > 0 for r in result["results"])
+    assert result["results"][0]["speedup"] == 1.0

@@ -116,7 +116,8 @@ import os, signal, sys
 n = int(os.environ.get("KILL_AT_FSYNC", "0"))
 real, calls = os.fsync, [0]
 def fsync(fd):
-    if os.readlink(f"/proc/self/fd/{fd}").endswith(".safetensors.tmp"):
+    name = os.readlink(f"/proc/self/fd/{fd}")
+    if ".safetensors." in name and name.endswith(".tmp"):
         calls[0] += 1
         if calls[0] == n:
             os.kill(os.getpid(), signal.SIGKILL)

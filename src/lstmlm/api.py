@@ -66,7 +66,7 @@ class LanguageModel:
         if isinstance(texts, str):
             raise LstmlmError("score takes a list of texts; for one text pass [text]")
         model = self.model.eval()
-        eos = torch.tensor([[self.vocab.eos_id]], device=model.decoder.weight.device)
+        eos = torch.tensor([[self.vocab.eos_id]], device=model.embedding.weight.device)
         fresh_logits, fresh_hidden = model(eos, model.init_hidden(1))
         logits, hidden = fresh_logits[-1], fresh_hidden
         results = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -62,7 +63,8 @@ def cmd_train(args) -> None:
         cfg = load_preset(preset)
         out = Path(args.out) if args.out else Path("runs") / Path(preset).stem
         results = run_training(cfg, out=out, overrides=overrides)
-    print(json.dumps(results))
+    if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same results
+        print(json.dumps(results))
 
 
 def cmd_finetune(args) -> None:

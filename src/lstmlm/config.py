@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import sys
 from dataclasses import dataclass, field
 from importlib import resources
@@ -47,6 +48,12 @@ class Config:
     dropout_hidden: float = _f(0.2, "dropout between LSTM layers")
     dropout_output: float = _f(0.2, "dropout on the last LSTM layer's output, before the decoder")
     last_hidden_size: int = _f(0, "size of the last LSTM layer (0: hidden_size)")
+    softmax: str = _f("full", "full, or adaptive: frequent words in a small head softmax, rare "
+                              "ones in tail clusters computed only when needed")
+    adaptive_cutoffs: str = _f("2000,10000", "adaptive softmax: comma-separated word ids where "
+                                             "the tail clusters start (ids go by frequency)")
+    adaptive_div_value: float = _f(4.0, "adaptive softmax: each tail's projection is this many "
+                                        "times smaller than the previous one")
     # AWD-LSTM techniques (all off in the baseline)
     variational_dropout: bool = _f(False, "the three dropouts use one mask per sequence")
     dropout_embedding: float = _f(0.0, "drop whole word types from the embedding matrix")
@@ -104,6 +111,16 @@ class Config:
         """Size of the last LSTM layer, which feeds the decoder."""
         return self.last_hidden_size or self.hidden_size
 
+    @property
+    def cutoffs(self) -> list[int]:
+        """`adaptive_cutoffs` as ints. A string field, so that TOML, JSON and the command line
+        all write it the same way: --adaptive-cutoffs 2000,10000."""
+        try:
+            return [int(part) for part in self.adaptive_cutoffs.split(",")]
+        except ValueError:
+            raise ConfigError(f"adaptive_cutoffs must be comma-separated word ids, e.g. "
+                              f"'2000,10000', got {self.adaptive_cutoffs!r}") from None
+
     # ---- checks -------------------------------------------------------------------------
 
     def validate(self) -> None:
@@ -135,6 +152,13 @@ class Config:
         need(self.lr_decay >= 1, f"lr_decay must be >= 1 (1: never decay), got {self.lr_decay}")
         need(self.optimizer in ("sgd", "adam", "adamw"),
              f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
+        need(self.softmax in ("full", "adaptive"),
+             f"softmax must be full or adaptive, got {self.softmax!r}")
+        cutoffs = self.cutoffs
+        need(cutoffs[0] >= 1 and all(a < b for a, b in zip(cutoffs, cutoffs[1:])),
+             f"adaptive_cutoffs must be increasing word ids >= 1, got {self.adaptive_cutoffs!r}")
+        need(1 <= self.adaptive_div_value < math.inf,
+             f"adaptive_div_value must be >= 1 and finite, got {self.adaptive_div_value}")
         need(self.device in ("cpu", "cuda", "auto"),
              f"device must be cpu, cuda or auto, got {self.device!r}")
 

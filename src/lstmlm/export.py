@@ -61,7 +61,7 @@ def check_export(fmt: str, out: Path) -> None:
 
 
 def example_inputs(model: LSTMLM, time: int = 3, batch: int = 2) -> tuple[torch.Tensor, ...]:
-    tokens = torch.randint(model.vocab_size, (time, batch), device=model.decoder.weight.device)
+    tokens = torch.randint(model.vocab_size, (time, batch), device=model.embedding.weight.device)
     return (tokens, *[t for h, c in model.init_hidden(batch) for t in (h, c)])
 
 

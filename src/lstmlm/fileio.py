@@ -17,7 +17,7 @@ def fsync_dir(directory: Path) -> None:
 def atomic_write(path: Path, data: bytes) -> None:
     """Write to a temporary file beside `path`, fsync it, then rename it over `path`."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # processes never share one
     try:
         with open(tmp, "wb") as f:
             f.write(data)

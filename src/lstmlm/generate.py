@@ -62,7 +62,7 @@ def read_prompts(model: LSTMLM, prompts: list[list[int]]):
     Prompts of one length are read as one batch; prompts of different lengths separately, as
     padding would feed the LSTM tokens that are not in the prompt.
     """
-    device = model.decoder.weight.device
+    device = model.embedding.weight.device
     by_length: dict[int, list[int]] = {}
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
@@ -87,7 +87,7 @@ def sample(model: LSTMLM, prompt_ids: list[int] | list[list[int]], max_tokens: i
     """Yield, at each step, the next token of each of `num_samples` continuations of each
     prompt (one prompt's ids, or a list of prompts), all as one batch, prompt-major."""
     model.eval()
-    device = model.decoder.weight.device
+    device = model.embedding.weight.device
     generator = torch.Generator(device=device)
     if seed is None:
         generator.seed()  # not torch.seed(), which would reseed the global generator

@@ -1,5 +1,5 @@
-"""The LSTM language model: embedding -> dropout -> stacked LSTM -> dropout -> linear decoder,
-with AWD-LSTM's regularizers as switches (all off in the plain baseline)."""
+"""The LSTM language model: embedding -> dropout -> stacked LSTM -> dropout -> linear decoder
+(or adaptive softmax), with AWD-LSTM's regularizers as switches (all off in the plain baseline)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .config import Config
-from .regularizers import activation_penalty, drop_connect, embedding_dropout, locked_dropout
+from .regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout,
+                           locked_dropout)
+from .softmax import AdaptiveSoftmax
 
 # (h, c) for each layer, each of shape (1, batch, layer size)
 Hidden = list[tuple[torch.Tensor, torch.Tensor]]
@@ -32,26 +34,37 @@ class LSTMLM(nn.Module):
         sizes = [cfg.embedding_size] + [cfg.hidden_size] * (cfg.num_layers - 1) + [cfg.output_size]
         self.layers = nn.ModuleList(
             nn.LSTM(sizes[i], sizes[i + 1]) for i in range(cfg.num_layers))
-        self.decoder = nn.Linear(cfg.output_size, vocab_size)
+        if cfg.softmax == "adaptive":  # ties inside (softmax.py says what)
+            self.decoder = AdaptiveSoftmax(cfg.output_size, vocab_size, cfg.cutoffs,
+                                           cfg.adaptive_div_value,
+                                           self.embedding.weight if cfg.tie_weights else None)
+        else:
+            self.decoder = nn.Linear(cfg.output_size, vocab_size)
+        # Source of the per-stream dropout masks; None: torch's global RNG. Set by the trainer
+        # under data-parallel training, where each rank must draw its own (distributed.py).
+        self.stream_generator: torch.Generator | None = None
         self.reset_parameters()
-        if cfg.tie_weights:
+        if cfg.tie_weights and cfg.softmax == "full":
             self.decoder.weight = self.embedding.weight
 
     def reset_parameters(self) -> None:
         # As in the reference implementations: small uniform embedding/decoder, zero decoder bias.
         nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        if isinstance(self.decoder, AdaptiveSoftmax):
+            self.decoder.reset_parameters()
+            return
         nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
         nn.init.zeros_(self.decoder.bias)
 
     def init_hidden(self, batch_size: int) -> Hidden:
-        weight = self.decoder.weight
+        weight = self.embedding.weight
         return [(weight.new_zeros(1, batch_size, layer.hidden_size),
                  weight.new_zeros(1, batch_size, layer.hidden_size)) for layer in self.layers]
 
     def dropout(self, x: torch.Tensor, p: float) -> torch.Tensor:
         if self.cfg.variational_dropout:
-            return locked_dropout(x, p, self.training)
-        return F.dropout(x, p, self.training)
+            return locked_dropout(x, p, self.training, self.stream_generator)
+        return dropout(x, p, self.training, self.stream_generator)
 
     def run_layer(self, i: int, x: torch.Tensor, state):
         layer = self.layers[i]
@@ -74,7 +87,8 @@ class LSTMLM(nn.Module):
         return self.dropout(x, cfg.dropout_output), x, new_hidden
 
     def forward(self, tokens: torch.Tensor, hidden: Hidden) -> tuple[torch.Tensor, Hidden]:
-        """Logits of shape (time, batch, vocab) and the new hidden state."""
+        """Logits of shape (time, batch, vocab) and the new hidden state. With the adaptive
+        softmax the logits are the exact log-probabilities, which softmax leaves as they are."""
         x, _, hidden = self.features(tokens, hidden)
         return self.decoder(x), hidden
 
@@ -84,8 +98,10 @@ class LSTMLM(nn.Module):
         Targets are flattened time-major. The penalty is zero unless training with AR/TAR on.
         """
         dropped, raw, hidden = self.features(tokens, hidden)
-        logits = self.decoder(dropped)
-        loss = F.cross_entropy(logits.view(-1, self.vocab_size), targets)
+        if isinstance(self.decoder, AdaptiveSoftmax):  # the head and the targets' clusters only
+            loss = self.decoder.loss(dropped.reshape(-1, dropped.size(-1)), targets)
+        else:
+            loss = F.cross_entropy(self.decoder(dropped).view(-1, self.vocab_size), targets)
         penalty = loss.new_zeros(())
         if self.training and (self.cfg.ar_alpha or self.cfg.tar_beta):
             penalty = activation_penalty(dropped, raw, self.cfg.ar_alpha, self.cfg.tar_beta)
@@ -98,5 +114,6 @@ def detach(hidden: Hidden) -> Hidden:
 
 
 def count_parameters(model: nn.Module) -> int:
-    """Distinct parameters (a tied embedding/decoder matrix counts once)."""
+    """Distinct parameters: a matrix the decoder shares with the embedding counts once (the
+    adaptive softmax holds the embedding's Parameter itself and slices it as it runs)."""
     return sum(p.numel() for p in model.parameters())

@@ -9,14 +9,23 @@ import torch
 import torch.nn.functional as F
 
 
-def locked_dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
+def dropout(x: torch.Tensor, p: float, training: bool,
+            generator: torch.Generator | None = None) -> torch.Tensor:
+    """Ordinary dropout (a new mask per element and step), from `generator` when given."""
+    if generator is None or not training or p == 0:
+        return F.dropout(x, p, training)
+    return x * (torch.empty_like(x).bernoulli_(1 - p, generator=generator) / (1 - p))
+
+
+def locked_dropout(x: torch.Tensor, p: float, training: bool,
+                   generator: torch.Generator | None = None) -> torch.Tensor:
     """Variational dropout: one mask per sequence, shared by all time steps.
 
     `x` is (time, batch, features); the mask is (1, batch, features), scaled by 1/(1-p).
     """
     if not training or p == 0:
         return x
-    mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p) / (1 - p)
+    mask = x.new_empty(1, x.size(1), x.size(2)).bernoulli_(1 - p, generator=generator) / (1 - p)
     return x * mask
 
 

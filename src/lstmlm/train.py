@@ -28,6 +28,7 @@ import torch
 from tqdm import tqdm
 
 from . import checkpoint as ckpt
+from . import distributed
 from .allocator import keep_freed_memory
 from .config import Config, ConfigError
 from .data import Corpus, batchify, get_batch, load_corpus
@@ -93,19 +94,28 @@ def sample_seq_len(cfg: Config) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, quiet: bool = False):
-        self.cfg, self.run_dir, self.quiet = cfg, Path(run_dir), quiet
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         keep_freed_memory()
-        self.device = pick_device(cfg.device)
+        self.group, self.device = distributed.join(pick_device(cfg.device))
+        self.quiet = quiet or not self.group.is_main
+        distributed.check_divisible(cfg.batch_size, self.group)
         torch.manual_seed(cfg.seed)
         self.vocab = corpus.vocab
-        self.train_data = batchify(corpus.train, cfg.batch_size).to(self.device)
-        self.valid_data = batchify(corpus.valid, cfg.valid_batch_size).to(self.device)
-        self.test_data = batchify(corpus.test, cfg.test_batch_size).to(self.device)
+
+        def streams(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
+            return distributed.columns(batchify(tokens, batch_size), self.group).to(self.device)
+
+        self.train_data = streams(corpus.train, cfg.batch_size)
+        self.valid_data = streams(corpus.valid, cfg.valid_batch_size)
+        self.test_data = streams(corpus.test, cfg.test_batch_size)
         if self.train_data.size(0) - 1 < cfg.bptt:
             raise ConfigError(
                 f"bptt {cfg.bptt} is longer than each training stream ({self.train_data.size(0)} "
                 f"tokens with batch size {cfg.batch_size}); lower bptt or batch_size")
         self.model = LSTMLM(cfg, len(self.vocab)).to(self.device)
+        self.training_loss = distributed.wrap(self.model, self.group, self.device)
+        if self.group.active:
+            self.model.stream_generator = torch.Generator(self.device)
         self.optimizer = make_optimizer(cfg, self.model)
         self.state = TrainState()
         self.average: WeightAverage | None = None
@@ -136,9 +146,10 @@ class Trainer:
             for key, value in param_state.items():
                 if torch.is_tensor(value):
                     tensors[f"optim.{i}.{key}"] = value
-        if self.hidden is not None:
+        if self.hidden is not None:  # all ranks' streams, so any number of ranks can resume
             for i, (h, c) in enumerate(self.hidden):
-                tensors[f"hidden.{i}.h"], tensors[f"hidden.{i}.c"] = h, c
+                tensors[f"hidden.{i}.h"] = distributed.gather_columns(h, self.group)
+                tensors[f"hidden.{i}.c"] = distributed.gather_columns(c, self.group)
         tensors["rng.cpu"] = torch.get_rng_state()
         if self.device.type == "cuda":
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
@@ -151,7 +162,8 @@ class Trainer:
         """Raise _NonFinite if a weight or the hidden state is inf/nan (never saved)."""
         tensors = [p.detach() for p in self.model.parameters()]
         tensors += [t for pair in self.hidden or [] for t in pair]
-        if not torch.stack([torch.isfinite(t).all() for t in tensors]).all():
+        bad = not torch.stack([torch.isfinite(t).all() for t in tensors]).all()
+        if distributed.reduce([float(bad)], self.group, "max", self.device)[0]:  # any rank's
             raise _NonFinite("a weight or the hidden state became inf/nan")
 
     def save_state(self) -> None:
@@ -159,7 +171,7 @@ class Trainer:
         tensors, meta = self.state_tensors()
         self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.STATE, tensors, meta))
         self.has_checkpoint = True
-        self.last_save = time.monotonic()
+        self.saved_at = self.state.seconds
 
     def load_state(self) -> None:
         path = self.run_dir / ckpt.STATE
@@ -183,8 +195,8 @@ class Trainer:
                 optim_state.setdefault(int(i), {})[name] = value.to(self.device, copy=True)
         self.optimizer.load_state_dict({"state": optim_state, "param_groups": param_groups})
         layers = sorted({int(k.split(".")[1]) for k in tensors if k.startswith("hidden.")})
-        self.hidden = [(tensors[f"hidden.{i}.h"].to(self.device, copy=True),
-                        tensors[f"hidden.{i}.c"].to(self.device, copy=True))
+        self.hidden = [tuple(distributed.columns(tensors[f"hidden.{i}.{hc}"], self.group)
+                             .to(self.device, copy=True) for hc in "hc")
                        for i in layers] or None
         self.average = None
         if self.state.averaging_since >= 0:
@@ -197,6 +209,8 @@ class Trainer:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
 
     def _write(self, save) -> None:
+        if not self.group.is_main:  # one rank writes; the others hold the same numbers
+            return
         try:
             save()
         except OSError as e:
@@ -266,9 +280,9 @@ class Trainer:
     def validate(self, train_loss: float, tokens_per_s: float, schedule: bool = True) -> float:
         """Validate, keep the best weights, log a metrics line; with `schedule`, decay the lr
         on a plateau (the extra validation at a stop does not, so resumed runs match)."""
-        cfg, st = self.cfg, self.state
+        st = self.state
         with self.best_weights():
-            valid_loss, _ = evaluate(self.model, self.valid_data, cfg.bptt)
+            valid_loss, _ = self.evaluate(self.model, self.valid_data)
             improved = math.isfinite(valid_loss) and valid_loss < st.best_valid_loss
             if improved:
                 st.best_valid_loss = valid_loss
@@ -289,6 +303,15 @@ class Trainer:
                  f"valid ppl {perplexity(valid_loss):.2f}{' (best)' if improved else ''} | "
                  f"lr {self.lr:.3g}")
         return valid_loss
+
+    def evaluate(self, model: LSTMLM, data: torch.Tensor) -> tuple[float, int]:
+        """Mean loss and tokens on a split; under DDP each rank scores its streams and the
+        sums are reduced, which gives the single-process numbers."""
+        if not self.group.active:
+            return evaluate(model, data, self.cfg.bptt)
+        loss, tokens = evaluate(model, data, self.cfg.bptt) if data.size(1) else (0.0, 0)
+        total, tokens = distributed.reduce([loss * tokens, tokens], self.group, device=self.device)
+        return total / tokens, int(tokens)
 
     def epochs_done(self) -> float:
         return round(self.state.epoch + self.state.position / (self.train_data.size(0) - 1), 3)
@@ -346,13 +369,17 @@ class Trainer:
         before the weights change when the loss or the gradient norm is inf/nan."""
         cfg, st, model = self.cfg, self.state, self.model
         if st.position == 0 or self.hidden is None:
-            self.hidden = model.init_hidden(cfg.batch_size)
+            self.hidden = model.init_hidden(self.train_data.size(1))
         inputs, targets = get_batch(self.train_data, st.position, sample_seq_len(cfg))
-        loss, penalty, hidden = model.loss(inputs, targets, detach(self.hidden))
+        if model.stream_generator is not None:
+            model.stream_generator.manual_seed(
+                distributed.mask_seed(cfg.seed, self.group.rank, st.step))
+        loss, penalty, hidden = self.training_loss(inputs, targets, detach(self.hidden))
         self.optimizer.zero_grad(set_to_none=True)
         total = loss + penalty
         total.backward()
-        loss_value, total_value = torch.stack([loss.detach(), total.detach()]).tolist()
+        loss_value, total_value = distributed.reduce(
+            torch.stack([loss.detach(), total.detach()]).tolist(), self.group, "mean", self.device)
         if not math.isfinite(total_value):
             raise _NonFinite(f"the training loss became {total_value}")
         if cfg.clip > 0:
@@ -363,21 +390,29 @@ class Trainer:
         self.hidden = detach(hidden)
         st.step += 1
         st.position += inputs.size(0)
-        st.tokens += targets.numel()
+        tokens = targets.numel() * self.group.world_size
+        st.tokens += tokens
         st.window_loss, st.window_steps = st.window_loss + loss_value, st.window_steps + 1
-        return loss_value, inputs.size(0), targets.numel()
+        return loss_value, inputs.size(0), tokens
 
     def checkpoint_due(self) -> bool:
         """Whether a periodic checkpoint is due (every checkpoint_steps, checkpoint_minutes)."""
-        cfg, since_save = self.cfg, time.monotonic() - self.last_save
+        cfg, since_save = self.cfg, self.state.seconds - self.saved_at
         return bool(cfg.checkpoint_steps and self.state.step % cfg.checkpoint_steps == 0
                     or cfg.checkpoint_minutes and since_save >= cfg.checkpoint_minutes * 60)
 
     def tick(self) -> None:
-        """Add the wall-clock time since the last tick to the run's training time."""
+        """Add the wall-clock time since the last tick to the run's training time. Under DDP
+        the ranks take the slowest clock and any rank's stop signal, so they stop together."""
         now = time.monotonic()
         self.state.seconds += now - self.clock
         self.clock = now
+        if self.group.active:
+            self.state.seconds, stopping = distributed.reduce(
+                [self.state.seconds, float(self.stop_signal is not None)], self.group, "max",
+                self.device)
+            if stopping and self.stop_signal is None:
+                self.stop_signal = "another rank's stop signal"
 
     @property
     def tokens_per_s(self) -> float:
@@ -424,7 +459,7 @@ class Trainer:
         if not self.has_checkpoint:  # what a rollback before the first save returns to
             tensors, meta = self.state_tensors()
             self.initial = ({k: v.to("cpu", copy=True) for k, v in tensors.items()}, meta)
-        self.clock = self.last_save = time.monotonic()
+        self.clock, self.saved_at = time.monotonic(), self.state.seconds
         self.window_tokens, self.window_time = 0, 0.0
         with tqdm(total=self.train_data.size(0) - 1, initial=self.state.position, unit="row",
                   dynamic_ncols=True, disable=True if self.quiet else None, leave=False,
@@ -459,8 +494,9 @@ class Trainer:
 
     def finish(self, reason: str) -> dict:
         """Test the best weights and write results.json."""
-        cfg, st = self.cfg, self.state
-        test_loss, test_tokens = evaluate(self.load_best(), self.test_data, cfg.bptt)
+        st = self.state
+        distributed.barrier(self.group)  # rank 0's last write of the best weights is done
+        test_loss, test_tokens = self.evaluate(self.load_best(), self.test_data)
         results = {
             "stop_reason": reason, "epochs": self.epochs_done(),
             "steps": st.step, "train_minutes": round(st.seconds / 60, 2),
@@ -532,7 +568,8 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
         cfg.update(overrides)
         corpus = load_corpus(resolve_data(cfg.data))
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
-        ckpt.create_run_dir(Path(out), cfg, corpus.vocab)
+        if trainer.group.is_main:
+            ckpt.create_run_dir(Path(out), cfg, corpus.vocab)
         return _train(trainer, corpus)
     run_dir = Path(resume)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
@@ -569,5 +606,6 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     path = run_dir / ckpt.WEIGHTS
     ckpt.load_weights(trainer.model, ckpt.read_tensors(path)[0], path)
     trainer.start_averaging()
-    ckpt.create_run_dir(out, cfg, corpus.vocab)
+    if trainer.group.is_main:
+        ckpt.create_run_dir(out, cfg, corpus.vocab)
     return _train(trainer, corpus)
