@@ -126,6 +126,21 @@ def test_eval_minutes_validates_by_training_time(corpus, tmp_path, monkeypatch):
     assert all(b - a >= 30 for a, b in zip(seconds[:-2], seconds[1:-1]))
 
 
+def test_bf16_autocast_trains_with_fp32_weights(corpus, tmp_path):
+    full = run_training(tiny(corpus, epochs=4), out=tmp_path / "fp32", quiet=True)
+    mixed = run_training(tiny(corpus, epochs=4, precision="bf16"), out=tmp_path / "bf16",
+                         quiet=True)
+    assert mixed["stop_reason"] == "epochs"
+    assert mixed["test_ppl"] == pytest.approx(full["test_ppl"], rel=0.15)
+    tensors, _ = ckpt.read_tensors(tmp_path / "bf16" / ckpt.WEIGHTS)
+    assert {t.dtype for t in tensors.values()} == {torch.float32}
+
+
+def test_fp16_on_cpu_is_refused(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        run_training(tiny(corpus, precision="fp16"), out=tmp_path / "run", quiet=True)
+
+
 def test_adam_and_adamw_train(corpus, tmp_path):
     for opt in ("adam", "adamw"):
         r = run_training(tiny(corpus, optimizer=opt, lr=0.01, max_steps=3), out=tmp_path / opt,

@@ -88,6 +88,8 @@ class Config:
     max_nan_retries: int = _f(3, "rollbacks for non-finite losses allowed before giving up")
     seed: int = _f(1111, "random seed (same seed, same numbers on the same machine)")
     device: str = _f("cpu", "cpu, cuda or auto")
+    precision: str = _f("fp32", "fp32, bf16 or fp16: autocast for the model's matrix products "
+                                "(weights, losses and AR/TAR stay fp32; fp16 scales the loss)")
 
     # ---- construction -------------------------------------------------------------------
 
@@ -161,6 +163,8 @@ class Config:
              f"adaptive_div_value must be >= 1 and finite, got {self.adaptive_div_value}")
         need(self.device in ("cpu", "cuda", "auto"),
              f"device must be cpu, cuda or auto, got {self.device!r}")
+        need(self.precision in ("fp32", "bf16", "fp16"),
+             f"precision must be fp32, bf16 or fp16, got {self.precision!r}")
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}

@@ -53,6 +53,7 @@ def activation_penalty(dropped_output: torch.Tensor, raw_output: torch.Tensor,
     AR  = alpha * mean(dropped_output²)          keeps activations small
     TAR = beta  * mean((h_t - h_{t-1})²)         keeps them slowly changing (on the raw output)
     """
+    dropped_output, raw_output = dropped_output.float(), raw_output.float()  # fp32 under autocast
     penalty = dropped_output.new_zeros(())
     if alpha:
         penalty = penalty + alpha * dropped_output.pow(2).mean()

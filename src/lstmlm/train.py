@@ -41,7 +41,8 @@ from .optim import WeightAverage, make_optimizer, nonmono_triggered
 
 # Fields a resumed run may change: its budget. Anything else would make it another run.
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "eval_minutes",
-                       "checkpoint_minutes", "checkpoint_steps", "max_nan_retries")
+                       "checkpoint_minutes", "checkpoint_steps", "max_nan_retries", "device",
+                       "precision")
 
 
 class DivergedError(LstmlmError):
@@ -98,6 +99,9 @@ class Trainer:
         keep_freed_memory()
         self.group, self.device = distributed.join(pick_device(cfg.device))
         self.quiet = quiet or not self.group.is_main
+        if cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError("precision fp16 needs a CUDA device (CPU LSTM kernels have no "
+                              "fp16); on a CPU use --precision bf16 or fp32")
         distributed.check_divisible(cfg.batch_size, self.group)
         torch.manual_seed(cfg.seed)
         self.vocab = corpus.vocab
@@ -117,6 +121,8 @@ class Trainer:
         if self.group.active:
             self.model.stream_generator = torch.Generator(self.device)
         self.optimizer = make_optimizer(cfg, self.model)
+        # fp16 needs its loss scaled so small gradients survive; disabled, it changes nothing.
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.state = TrainState()
         self.average: WeightAverage | None = None
         if cfg.finetune:
@@ -155,7 +161,8 @@ class Trainer:
             tensors["rng.cuda"] = torch.cuda.get_rng_state(self.device)
         meta = {"trainer": json.dumps(dataclasses.asdict(self.state)),
                 "param_groups": json.dumps(self.optimizer.state_dict()["param_groups"]),
-                "avg_count": str(self.average.count if self.average else 0)}
+                "avg_count": str(self.average.count if self.average else 0),
+                "scaler": json.dumps(self.scaler.state_dict())}
         return tensors, meta
 
     def check_finite(self) -> None:
@@ -204,6 +211,8 @@ class Trainer:
             for k in self.average.mean:
                 self.average.mean[k].copy_(tensors[f"avg.{k}"])
             self.average.count = int(meta["avg_count"])
+        if self.scaler.is_enabled() and json.loads(meta.get("scaler", "{}")):
+            self.scaler.load_state_dict(json.loads(meta["scaler"]))
         torch.set_rng_state(tensors["rng.cpu"])
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
@@ -304,12 +313,18 @@ class Trainer:
                  f"lr {self.lr:.3g}")
         return valid_loss
 
+    def autocast(self):
+        """Mixed precision for the forward pass, per `precision` (a no-op at fp32)."""
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
+        return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
+
     def evaluate(self, model: LSTMLM, data: torch.Tensor) -> tuple[float, int]:
         """Mean loss and tokens on a split; under DDP each rank scores its streams and the
         sums are reduced, which gives the single-process numbers."""
-        if not self.group.active:
-            return evaluate(model, data, self.cfg.bptt)
-        loss, tokens = evaluate(model, data, self.cfg.bptt) if data.size(1) else (0.0, 0)
+        with self.autocast():
+            if not self.group.active:
+                return evaluate(model, data, self.cfg.bptt)
+            loss, tokens = evaluate(model, data, self.cfg.bptt) if data.size(1) else (0.0, 0)
         total, tokens = distributed.reduce([loss * tokens, tokens], self.group, device=self.device)
         return total / tokens, int(tokens)
 
@@ -345,7 +360,8 @@ class Trainer:
         lr = self.lr
         if self.cfg.variable_bptt:
             self.lr = lr * seq_len / self.cfg.bptt
-        self.optimizer.step()
+        self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
+        self.scaler.update()
         self.lr = lr
         if self.average:
             self.average.update()
@@ -374,17 +390,21 @@ class Trainer:
         if model.stream_generator is not None:
             model.stream_generator.manual_seed(
                 distributed.mask_seed(cfg.seed, self.group.rank, st.step))
-        loss, penalty, hidden = self.training_loss(inputs, targets, detach(self.hidden))
+        with self.autocast():
+            loss, penalty, hidden = self.training_loss(inputs, targets, detach(self.hidden))
         self.optimizer.zero_grad(set_to_none=True)
-        total = loss + penalty
-        total.backward()
+        total = loss.float() + penalty
+        self.scaler.scale(total).backward()
         loss_value, total_value = distributed.reduce(
             torch.stack([loss.detach(), total.detach()]).tolist(), self.group, "mean", self.device)
         if not math.isfinite(total_value):
             raise _NonFinite(f"the training loss became {total_value}")
         if cfg.clip > 0:
+            self.scaler.unscale_(self.optimizer)
             norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
-            if not math.isfinite(norm):
+            # Under fp16 an overflow only means the loss scale was too high: the scaler skips
+            # the step and lowers it. Anywhere else it is a real problem: roll back.
+            if not math.isfinite(norm) and not self.scaler.is_enabled():
                 raise _NonFinite(f"the gradient norm became {norm}")
         self.step_optimizer(inputs.size(0))
         self.hidden = detach(hidden)
