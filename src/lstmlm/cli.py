@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -124,6 +125,7 @@ def cmd_evaluate(args) -> None:
         raise LstmlmError(f"--batch-size must be at least 1, got {batch_size}")
     data = batchify(ids, batch_size)
     result = {"split": args.split}
+    start = time.perf_counter()
     if cache:
         from .cache import cache_evaluate, cache_search
 
@@ -154,14 +156,15 @@ def cmd_evaluate(args) -> None:
     else:
         loss, tokens = evaluate(model, data, cfg.bptt)
         method = ""
+    seconds = time.perf_counter() - start
     result.update({"loss": loss, "ppl": perplexity(loss), "tokens": tokens,
                    "unknown_words": unknown, "batch_size": batch_size,
-                   "data": str(files[args.split])})
+                   "data": str(files[args.split]), "seconds": round(seconds, 1)})
     if args.json:
         print(json.dumps(result))
     else:
         print(f"{args.split}: loss {loss:.4f} | perplexity {perplexity(loss):.2f} | "
-              f"{tokens:,} tokens (batch size {batch_size}{method})")
+              f"{tokens:,} tokens (batch size {batch_size}{method}) | {seconds:.1f} s")
 
 
 def read_input(source: str) -> str:
