@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 from lstmlm.datasets import resolve_data
+from lstmlm.errors import LstmlmError
 
 
 def small_eval_copy(data: Path, folder: Path) -> Path:
@@ -87,4 +88,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except LstmlmError as e:
+        sys.exit(f"ranks.py: error: {e}")

@@ -41,3 +41,26 @@ def test_ranks_json(tiny_corpus, tmp_path):
     assert [r["ranks"] for r in result["results"]] == [1, 2]
     assert all(r["tokens_per_s"] > 0 for r in result["results"])
     assert result["results"][0]["speedup"] == 1.0
+
+
+def test_budget_json(tiny_corpus, tmp_path):
+    command = [sys.executable, str(SCRIPT.with_name("budget.py")), "--preset", "lstm-baseline",
+               "--minutes", "0.02", "--data", str(tiny_corpus), "--json",
+               "--out", str(tmp_path / "run")]
+    for assignment in TINY:
+        command += ["--set", assignment]
+    env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert result["preset"] == "lstm-baseline" and result["minutes"] == 0.02
+    assert result["test_ppl"] > 1 and result["best_valid_ppl"] > 1
+    saved = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert saved["stop_reason"] == "max_minutes" and saved["test_ppl"] == result["test_ppl"]
+
+
+def test_budget_bad_preset_is_one_line(tmp_path):
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name("budget.py")), "--preset",
+                           "no-such-preset"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1
+    assert done.stderr.startswith("budget.py: error: ") and "Traceback" not in done.stderr

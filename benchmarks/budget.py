@@ -1,0 +1,58 @@
+#!/usr/bin/env python
+"""Best perplexity in a fixed wall-clock budget: train a preset on a corpus for --minutes of
+training time on this machine, then report the best validation and the test perplexity.
+
+    LSTMLM_DATA=../shared/data python benchmarks/budget.py --preset awd-lstm-cpu --minutes 60
+    python benchmarks/budget.py --preset lstm-baseline --minutes 60 --set batch_size=40 --json
+
+The run directory (default: a temporary one, removed afterwards) is an ordinary lstmlm run, so
+with --out it can be evaluated, sampled or resumed later. The budget is lstmlm's `max_minutes`:
+training time including the validations made during training, summed over resumes; the final
+validation and the test evaluation come after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from lstmlm.config import load_preset, parse_assignment
+from lstmlm.errors import LstmlmError
+from lstmlm.train import run_training
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--preset", default="awd-lstm-cpu")
+    parser.add_argument("--minutes", type=float, default=60.0)
+    parser.add_argument("--data", default="wikitext-2", help="data directory or dataset name")
+    parser.add_argument("--out", help="keep the run directory here")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    parser.add_argument("--json", action="store_true", help="print one JSON object")
+    args = parser.parse_args()
+    cfg = load_preset(args.preset)
+    overrides = dict(parse_assignment(a) for a in args.set)
+    overrides.update(data=args.data, max_minutes=args.minutes)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(args.out) if args.out else Path(tmp) / "run"
+        results = run_training(cfg, out=out, overrides=overrides, quiet=args.json)
+    summary = {"preset": args.preset, "minutes": args.minutes, "cpus": os.cpu_count(),
+               **{k: results[k] for k in ("epochs", "steps", "train_tokens_per_s",
+                                          "best_valid_ppl", "test_ppl", "parameters")}}
+    if args.json:
+        print(json.dumps(summary))
+    else:
+        print(f"{args.preset} on {args.data}, {args.minutes:g} minutes, {os.cpu_count()} CPUs: "
+              f"{summary['epochs']} epochs, {summary['train_tokens_per_s']:,.0f} tokens/s | "
+              f"best valid ppl {summary['best_valid_ppl']:.2f} | test ppl {summary['test_ppl']:.2f}")
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except LstmlmError as e:
+        sys.exit(f"budget.py: error: {e}")
