@@ -139,8 +139,8 @@ class Config:
             need(0.0 <= p < 1.0, f"{name} must be in [0, 1), got {p}")
         for name in ("momentum", "weight_decay", "clip", "max_steps", "max_minutes",
                      "eval_interval", "eval_minutes", "checkpoint_minutes", "checkpoint_steps",
-                     "lr_patience", "min_lr", "last_hidden_size", "bptt_max_extra", "ar_alpha", "tar_beta",
-                     "max_nan_retries"):
+                     "lr_patience", "min_lr", "last_hidden_size", "bptt_max_extra", "ar_alpha",
+                     "tar_beta", "max_nan_retries"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 < self.nan_lr_factor < 1,

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from .config import Config
+from .fused import linear_cross_entropy
 from .regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout,
                            locked_dropout)
 from .softmax import AdaptiveSoftmax
@@ -100,8 +101,11 @@ class LSTMLM(nn.Module):
         dropped, raw, hidden = self.features(tokens, hidden)
         if isinstance(self.decoder, AdaptiveSoftmax):  # the head and the targets' clusters only
             loss = self.decoder.loss(dropped.reshape(-1, dropped.size(-1)), targets)
-        else:
+        elif torch.is_autocast_enabled(dropped.device.type):  # autocast's low-precision decoder
             loss = F.cross_entropy(self.decoder(dropped).view(-1, self.vocab_size), targets)
+        else:  # the same loss, never holding the (tokens x vocabulary) logits (fused.py)
+            loss = linear_cross_entropy(dropped.reshape(-1, dropped.size(-1)),
+                                        self.decoder.weight, self.decoder.bias, targets)
         penalty = loss.new_zeros(())
         if self.training and (self.cfg.ar_alpha or self.cfg.tar_beta):
             penalty = activation_penalty(dropped, raw, self.cfg.ar_alpha, self.cfg.tar_beta)

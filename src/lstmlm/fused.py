@@ -1,0 +1,116 @@
+"""The full-softmax training loss without the (tokens x vocabulary) logits.
+
+`F.cross_entropy(decoder(x), targets)` materialises the logits, their log-softmax and, in the
+backward pass, two more tensors of that size (the NLL's gradient, zero-filled, and the
+log-softmax's): at AWD-LSTM's size (80 x 70 tokens, 33,278 words) each is 745 MB, written and
+read again every step, and page-faulted in anew unless the allocator keeps freed memory
+(allocator.py). `linear_cross_entropy` computes the same loss a chunk of rows at a time in
+one reused chunk-sized buffer. The gradient of the loss with respect to a chunk's logits is
+known as soon as their log-softmax is, softmax - onehot (over N, for the mean), so the
+forward pass also computes from it the chunk's share of the gradients of x, the weight and
+the bias, and the backward pass only scales them by the incoming gradient. The matrix
+products are the unfused decoder's three (x W^T; then G W and G^T x, there in the backward
+pass), so the FLOPs stay 3 x the forward decoder's.
+
+The gradients are computed in the forward pass whenever autograd will want them, so a loss
+that is then never back-propagated has paid for them; under `torch.no_grad()`, or with no
+input requiring a gradient, only the loss is computed. A double backward is not supported
+(training never needs the gradient of a gradient): a backward with create_graph=True raises.
+"""
+
+from __future__ import annotations
+
+import torch
+
+# Rows per chunk, measured with benchmarks/decoder_loss.py on 2 CPU cores (400 -> 33,278):
+# AWD-LSTM's 5,600 rows ran 4% slower in chunks of 512 and no faster in chunks of 2,048;
+# 2,048 rows ran 12% slower in chunks of 256 (each chunk reads W twice and updates its
+# gradient once). 1,024 rows of 33,278 words is a 136 MB buffer, and lstm-baseline's 20 x 35
+# tokens fit in one chunk.
+CHUNK_ROWS = 1024
+
+
+def linear_cross_entropy(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                         targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
+    """Mean of `F.cross_entropy(F.linear(x, weight, bias), targets)`, x (N, in), weight
+    (V, in), bias (V,) or None, targets (N,) word ids (no ignore_index); never more than
+    `chunk_rows` rows of logits at once. `weight` may be shared (a tied embedding): autograd
+    adds the decoder's gradient to the embedding's, as with `F.linear`."""
+    if chunk_rows < 1:
+        raise ValueError(f"chunk_rows must be at least 1, got {chunk_rows}")
+    inputs = (x, weight, bias)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return LinearCrossEntropy.apply(x, weight, bias, targets, chunk_rows)
+    loss, _ = _loss_and_grads(x, weight, bias, targets, chunk_rows, (False, False, False))
+    return loss
+
+
+class LinearCrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, targets, chunk_rows):
+        loss, grads = _loss_and_grads(x, weight, bias, targets, chunk_rows,
+                                      ctx.needs_input_grad[:3])
+        ctx.save_for_backward(*grads)
+        ctx.rows = max(x.size(0), 1)
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the saved gradients have no graph
+            raise RuntimeError("linear_cross_entropy does not support double backward")
+        scale = grad_loss / ctx.rows  # the forward pass kept the gradients of the summed loss
+        grads = [None if g is None else g * scale for g in ctx.saved_tensors]
+        return *grads, None, None
+
+
+def _loss_and_grads(x, weight, bias, targets, chunk_rows, need):
+    """(mean NLL, [gradients of the *summed* NLL w.r.t. x, weight, bias, None where not
+    in `need`]).
+
+    A chunk's logits are laid out transposed, (vocabulary, rows), each buffer row padded to
+    a multiple of 16 floats: MKL computes W x_c^T into that layout up to 1.5x faster than
+    x_c W^T into (rows, vocabulary), but only when its rows start 64-byte aligned (700 rows:
+    about 55 GFLOP/s unpadded, 75 padded, on 2 cores). The padding columns are left as they
+    are, uninitialised: the products never read them, and the log-softmax and the exp, which
+    sweep the whole contiguous block, treat each column on its own.
+    """
+    need_x, need_weight, need_bias = need
+    n, vocab = x.size(0), weight.size(0)
+    x, weight = x.contiguous(), weight.contiguous()
+    chunk_rows = max(1, min(chunk_rows, n))
+    buffer = x.new_empty(vocab * _padded(chunk_rows))  # one chunk of logits, reused
+    log_probs = x.new_empty(n)  # of each row's target
+    columns = torch.arange(chunk_rows, device=x.device)
+    ones = x.new_ones(chunk_rows)
+    new = torch.empty_like if n else torch.zeros_like  # no rows: nan loss, zero gradients
+    grad_x = new(x) if need_x else None
+    grad_weight = new(weight) if need_weight else None
+    grad_bias = new(bias) if need_bias else None
+    for start in range(0, n, chunk_rows):
+        end = min(start + chunk_rows, n)
+        x_c, t_c, m = x[start:end], targets[start:end], end - start
+        padded = buffer[: vocab * _padded(m)].view(vocab, _padded(m))
+        logits = padded[:, :m]
+        if bias is None:
+            torch.mm(weight, x_c.t(), out=logits)
+        else:
+            torch.addmm(bias.unsqueeze(1), weight, x_c.t(), out=logits)
+        # In place: the kernels read each element before writing it.
+        torch.log_softmax(padded, 0, out=padded)
+        log_probs[start:end] = logits.gather(0, t_c.unsqueeze(0)).squeeze(0)
+        if not any(need):
+            continue
+        grad = padded.exp_()[:, :m]  # softmax, then softmax - onehot: d NLL / d logits
+        grad[t_c, columns[:m]] -= 1
+        first = 0.0 if start == 0 else 1.0  # beta 0: the empty accumulators are not read
+        if need_x:
+            torch.mm(grad.t(), weight, out=grad_x[start:end])
+        if need_weight:
+            grad_weight.addmm_(grad, x_c, beta=first)
+        if need_bias:
+            grad_bias.addmv_(grad, ones[:m], beta=first)
+    return -log_probs.mean(), [grad_x, grad_weight, grad_bias]
+
+
+def _padded(rows: int) -> int:
+    return -(-rows // 16) * 16

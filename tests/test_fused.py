@@ -1,0 +1,151 @@
+"""The fused, chunked decoder + cross-entropy equals F.cross_entropy(F.linear(...)): loss and
+gradients, for any chunking, with and without a bias, with a tied weight, under no_grad, and
+inside LSTMLM.loss."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lstmlm.config import Config
+from lstmlm.fused import linear_cross_entropy
+from lstmlm.model import LSTMLM
+
+ROWS, IN, VOCAB = 24, 16, 50
+TOL = dict(rtol=1e-5, atol=1e-6)
+
+
+def inputs(bias=True, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(ROWS, IN, generator=generator).requires_grad_()
+    weight = (torch.randn(VOCAB, IN, generator=generator) * 0.3).requires_grad_()
+    b = torch.randn(VOCAB, generator=generator).requires_grad_() if bias else None
+    targets = torch.randint(VOCAB, (ROWS,), generator=generator)
+    return x, weight, b, targets
+
+
+def loss_and_grads(loss_fn, x, weight, bias, targets):
+    params = [t for t in (x, weight, bias) if t is not None]
+    loss = loss_fn(x, weight, bias, targets)
+    return loss, torch.autograd.grad(3.0 * loss, params)  # a grad_output other than 1
+
+
+def reference(x, weight, bias, targets):
+    return F.cross_entropy(F.linear(x, weight, bias), targets)
+
+
+# one row per chunk, chunks that do not divide 24, that do, exactly one chunk, more than one
+@pytest.mark.parametrize("chunk", [1, 5, 7, 8, 24, 100])
+@pytest.mark.parametrize("bias", [True, False])
+def test_loss_and_gradients_equal_the_straightforward_ones(chunk, bias):
+    args = inputs(bias)
+    expected, expected_grads = loss_and_grads(reference, *args)
+    loss, grads = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=chunk), *args)
+    torch.testing.assert_close(loss, expected, **TOL)
+    for grad, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, want, **TOL)
+
+
+def test_gradient_of_the_weight_alone():
+    x, weight, bias, targets = inputs()
+    x.requires_grad_(False)
+    bias.requires_grad_(False)
+    loss = linear_cross_entropy(x, weight, bias, targets, chunk_rows=5)
+    (grad,) = torch.autograd.grad(loss, weight)
+    (want,) = torch.autograd.grad(reference(x, weight, bias, targets), weight)
+    torch.testing.assert_close(grad, want, **TOL)
+
+
+def test_gradcheck_in_double_precision():
+    x, weight, bias, targets = (t.detach().double().requires_grad_() if t.is_floating_point()
+                                else t for t in inputs())
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: linear_cross_entropy(x, w, b, targets, chunk_rows=7), (x, weight, bias))
+
+
+def test_tied_weight_gets_both_gradients():
+    """The decoder's weight is the embedding's Parameter: its gradient is the sum of both
+    uses, as with F.linear."""
+    _, weight, bias, targets = inputs()
+    tokens = torch.randint(VOCAB, (ROWS,), generator=torch.Generator().manual_seed(1))
+
+    def grads(loss_fn):
+        x = torch.tanh(F.embedding(tokens, weight))
+        return torch.autograd.grad(loss_fn(x, weight, bias, targets), (weight, bias))
+
+    expected = grads(reference)
+    for got, want in zip(grads(lambda *a: linear_cross_entropy(*a, chunk_rows=5)), expected):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_no_grad_computes_the_loss_only():
+    x, weight, bias, targets = inputs()
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, weight, bias, targets, chunk_rows=5)
+        expected = reference(x, weight, bias, targets)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, expected, **TOL)
+    plain = [t.detach() for t in (x, weight, bias)]  # nothing requires a gradient
+    loss = linear_cross_entropy(*plain, targets, chunk_rows=5)
+    assert loss.grad_fn is None
+    torch.testing.assert_close(loss, expected, **TOL)
+
+
+def test_no_rows_gives_nan_and_zero_gradients_like_cross_entropy():
+    _, weight, bias, targets = inputs()
+    x = torch.zeros(0, IN, requires_grad=True)
+    loss = linear_cross_entropy(x, weight, bias, targets[:0])
+    assert torch.isnan(loss)
+    grads = torch.autograd.grad(loss, (weight, bias))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+def test_double_backward_raises():
+    """Rather than gradients that silently hold no graph."""
+    x, weight, bias, targets = inputs()
+    loss = linear_cross_entropy(x, weight, bias, targets)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(loss, weight, create_graph=True)
+
+
+def small_model(**kw):
+    cfg = Config(embedding_size=8, hidden_size=8, num_layers=2, dropout_input=0.0,
+                 dropout_hidden=0.0, dropout_output=0.0, **kw)
+    return LSTMLM(cfg, VOCAB)
+
+
+@pytest.mark.parametrize("tie", [False, True])
+def test_model_loss_equals_cross_entropy_of_the_logits(tie):
+    torch.manual_seed(0)
+    model = small_model(tie_weights=tie)
+    tokens = torch.randint(VOCAB, (6, 4))
+    targets = torch.randint(VOCAB, (24,))
+
+    def model_loss_and_grads(loss_fn):
+        model.zero_grad(set_to_none=True)
+        loss = loss_fn()
+        loss.backward()
+        return loss.detach(), [p.grad.clone() for p in model.parameters()]
+
+    def fused_loss():
+        return model.loss(tokens, targets, model.init_hidden(4))[0]
+
+    def plain_loss():
+        logits = model(tokens, model.init_hidden(4))[0]
+        return F.cross_entropy(logits.view(-1, VOCAB), targets)
+
+    assert fused_loss().grad_fn.name() == "LinearCrossEntropyBackward"
+    fused, plain = model_loss_and_grads(fused_loss), model_loss_and_grads(plain_loss)
+    torch.testing.assert_close(fused[0], plain[0], **TOL)
+    for got, want in zip(fused[1], plain[1], strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+
+
+def test_model_loss_under_autocast_uses_the_straightforward_decoder():
+    torch.manual_seed(0)
+    model = small_model()
+    tokens, targets = torch.randint(VOCAB, (6, 4)), torch.randint(VOCAB, (24,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model.loss(tokens, targets, model.init_hidden(4))[0]
+    assert loss.grad_fn.name() != "LinearCrossEntropyBackward"
+    loss.backward()
+    assert torch.isfinite(loss)
