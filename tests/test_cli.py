@@ -292,7 +292,7 @@ def test_evaluate_json(capsys, tiny_run, tiny_corpus):
     assert len(out.splitlines()) == 1
     result = json.loads(out)
     assert result["split"] == "test"
-    assert {"loss", "ppl", "tokens"} <= set(result)
+    assert {"loss", "ppl", "tokens", "seconds"} <= set(result) and result["seconds"] >= 0
     assert math.isfinite(result["loss"]) and result["loss"] > 0
     assert result["ppl"] == pytest.approx(math.exp(result["loss"]), rel=1e-12)
     # Batch size 2 (the run's test batch size): each column drops its last token as a target.
