@@ -64,6 +64,10 @@ def cmd_train(args) -> None:
         cfg = load_preset(preset)
         out = Path(args.out) if args.out else Path("runs") / Path(preset).stem
         results = run_training(cfg, out=out, overrides=overrides)
+    print_results(results)
+
+
+def print_results(results: dict) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same results
         print(json.dumps(results))
 
@@ -72,7 +76,7 @@ def cmd_finetune(args) -> None:
     from .train import run_finetune
 
     out = Path(args.out) if args.out else None
-    print(json.dumps(run_finetune(Path(args.run_dir), out, config_overrides(args))))
+    print_results(run_finetune(Path(args.run_dir), out, config_overrides(args)))
 
 
 def check_evaluate_options(args) -> None:
