@@ -15,7 +15,9 @@ agree on comes from one place:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 from dataclasses import dataclass
 
 import torch
@@ -51,8 +53,22 @@ def join(device: torch.device) -> tuple[Group, torch.device]:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        with _signals_to_this_thread():
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Group(dist.get_rank(), world_size), device
+
+
+@contextlib.contextmanager
+def _signals_to_this_thread():
+    """Threads started inside (the process group's I/O threads) block SIGINT and SIGTERM, so
+    a Ctrl-C or SIGTERM reaches the main thread's handler (train.py) and never interrupts a
+    socket call in one of them (gloo aborts the process on that)."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)
 
 
 def columns(data: torch.Tensor, group: Group) -> torch.Tensor:
@@ -107,9 +123,10 @@ def wrap(model: nn.Module, group: Group, device: torch.device):
     """The function that computes the training loss: the model's own, or through DDP."""
     if not group.active:
         return model.loss
-    return nn.parallel.DistributedDataParallel(
-        LossOf(model), device_ids=[device] if device.type == "cuda" else None,
-        broadcast_buffers=False)
+    with _signals_to_this_thread():
+        return nn.parallel.DistributedDataParallel(
+            LossOf(model), device_ids=[device] if device.type == "cuda" else None,
+            broadcast_buffers=False)
 
 
 def mask_seed(seed: int, rank: int, step: int) -> int:
