@@ -59,6 +59,35 @@ def test_full_decay_forgets_each_step(lm, repeated, train_ids):
     assert free < slight
 
 
+def test_steps_follow_the_papers_update(lm, train_ids):
+    # Three segments scored by hand, with the update written out as in the module docstring:
+    # the third is scored after a step whose weights have moved away from theta_0.
+    from lstmlm.dynamic import STAT_BATCH_SIZE, adaptable_copy
+
+    lr, decay, eps = 1e-2, 0.1, 2e-5
+    text = train_ids[:16].unsqueeze(1)
+    model = adaptable_copy(lm.model)
+    stat_batch = min(STAT_BATCH_SIZE, train_ids.numel() // 6)
+    rms = gradient_rms(adaptable_copy(lm.model), batchify(train_ids, stat_batch), 5, 2)
+    mean = torch.cat([r.flatten() for r in rms]).mean()
+    trained = [p.detach().clone() for p in model.parameters()]
+    hidden, losses = model.init_hidden(1), []
+    for i in (0, 5, 10):
+        logits, hidden = model(text[i:i + 5], [(h.detach(), c.detach()) for h, c in hidden])
+        loss = torch.nn.functional.cross_entropy(logits.view(-1, logits.size(-1)),
+                                                 text[i + 1:i + 6].view(-1))
+        losses.append(loss.item())
+        grads = torch.autograd.grad(loss, list(model.parameters()))
+        with torch.no_grad():
+            for p, p0, g, r in zip(model.parameters(), trained, grads, rms):
+                rate = decay * torch.minimum(r / mean, torch.tensor(1 / decay))
+                p.add_(-lr * g / (r + eps) + rate * (p0 - p))
+    loss, tokens = dynamic_evaluate(lm.model, text, train_ids, bptt=5, lr=lr, decay=decay,
+                                    stat_batches=2, epsilon=eps)
+    assert tokens == 15
+    assert loss == pytest.approx(sum(losses) / 3, rel=1e-6)
+
+
 def test_gradient_rms_is_the_root_mean_square(lm, train_ids):
     from lstmlm.dynamic import adaptable_copy
 

@@ -93,7 +93,11 @@ def dynamic_evaluate(model: LSTMLM, data: torch.Tensor, train: torch.Tensor,
         stat_batch = max(1, min(STAT_BATCH_SIZE, train.numel() // (bptt + 1)))
         rms = gradient_rms(model, batchify(train, stat_batch), bptt, stat_batches)
         mean = torch.cat([r.flatten() for r in rms]).mean()
+        # Per-weight constants of the step, so it is two fused passes over the weights:
+        # theta <- lerp(theta, theta_0, rate) - scale * grad.
         rates = [(decay * r / mean).clamp(max=1.0) for r in rms]  # decay * min(r/mean, 1/decay)
+        scales = [lr / (r + epsilon) for r in rms]
+        del rms
         params = list(model.parameters())
         trained = [p.detach().clone() for p in params]
         hidden = model.init_hidden(data.size(1))
@@ -107,6 +111,6 @@ def dynamic_evaluate(model: LSTMLM, data: torch.Tensor, train: torch.Tensor,
             model.zero_grad()
             loss.backward()
             with torch.no_grad():
-                for p, p0, r, rate in zip(params, trained, rms, rates):
-                    p.add_(rate * (p0 - p) - lr * p.grad / (r + epsilon))
+                for p, p0, rate, scale in zip(params, trained, rates, scales):
+                    p.lerp_(p0, rate).addcmul_(p.grad, scale, value=-1)
     return total / tokens, tokens
