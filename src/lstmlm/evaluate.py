@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .data import get_batch
 from .model import LSTMLM
@@ -16,15 +15,16 @@ def evaluate(model: LSTMLM, data: torch.Tensor, bptt: int) -> tuple[float, int]:
     """Mean loss per token and number of tokens scored, on batchified `data` (time, batch).
 
     The hidden state is carried across windows, as in training, and the model is left in
-    eval mode (no dropout): the result is deterministic.
+    eval mode (no dropout): the result is deterministic. The loss is the model's training
+    loss, so the full softmax never holds more than a chunk of logits (fused.py).
     """
     model.eval()
     hidden = model.init_hidden(data.size(1))
     total, tokens = 0.0, 0
     for i in range(0, data.size(0) - 1, bptt):
         inputs, targets = get_batch(data, i, bptt)
-        logits, hidden = model(inputs, hidden)
-        total += F.cross_entropy(logits.view(-1, logits.size(-1)), targets, reduction="sum").item()
+        loss, _, hidden = model.loss(inputs, targets, hidden)
+        total += loss.item() * targets.numel()
         tokens += targets.numel()
     return total / tokens, tokens
 

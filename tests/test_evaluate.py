@@ -1,0 +1,34 @@
+"""Perplexity of a split: the mean cross-entropy of the model's logits, state carried over."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lstmlm.config import Config
+from lstmlm.data import batchify
+from lstmlm.evaluate import evaluate, perplexity
+from lstmlm.model import LSTMLM
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_mean_cross_entropy_of_the_logits(softmax):
+    torch.manual_seed(0)
+    cfg = Config(embedding_size=8, hidden_size=12, num_layers=2, dropout_input=0.5,
+                 softmax=softmax, adaptive_cutoffs="10,30")
+    model = LSTMLM(cfg, vocab_size=50)
+    data = batchify(torch.randint(0, 50, (203,)), 3)  # 67 steps: windows of 10, the last of 6
+    loss, tokens = evaluate(model, data, bptt=10)
+    with torch.no_grad():  # the whole split in one window: same state, same logits
+        logits, _ = model(data[:-1], model.init_hidden(3))
+        expected = F.cross_entropy(logits.view(-1, 50), data[1:].reshape(-1))
+    assert tokens == 66 * 3
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+    assert not model.training
+
+
+def test_perplexity_saturates():
+    assert perplexity(0.0) == 1.0
+    assert perplexity(math.log(50)) == pytest.approx(50)
+    assert perplexity(1e6) == math.inf
