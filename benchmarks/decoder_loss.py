@@ -6,12 +6,14 @@
     python benchmarks/decoder_loss.py                        # both sizes, the default chunk
     python benchmarks/decoder_loss.py --chunks 64 128 256 512 1024 2048
     python benchmarks/decoder_loss.py --sizes awd-lstm --default-malloc --no-memory
+    python benchmarks/decoder_loss.py --scoring                # forward only, as evaluation
 
 Sizes: `lstm-baseline`, 700 rows (20 streams x 35 tokens); `awd-lstm`, 5,600 rows (80 x 70);
 both a 400 -> 33,278 decoder (the last LSTM layer's 400 units onto WikiText-2's vocabulary).
 Each measure is the median over --reps repetitions, the variants taking turns within each
 repetition so that noise from other processes hits all alike. One repetition is a forward
-and backward pass, with the gradients set to None before each, as a training step does.
+and backward pass, with the gradients set to None before each, as a training step does; with
+--scoring, the loss alone under torch.no_grad(), as evaluation computes it.
 
 By default the process keeps freed memory (`lstmlm.allocator.keep_freed_memory`, as lstmlm's
 training does); --default-malloc leaves glibc's malloc as it is, so that the straightforward
@@ -54,16 +56,19 @@ def make_inputs(rows: int, vocab: int = VOCAB, in_size: int = IN_SIZE):
     return x, weight, bias, targets
 
 
-def step(inputs, chunk: int | None) -> None:
-    """One forward and backward pass; chunk None: the straightforward loss."""
+def step(inputs, chunk: int | None, scoring: bool = False) -> None:
+    """One forward and backward pass (the forward alone when scoring); chunk None: the
+    straightforward loss."""
     x, weight, bias, targets = inputs
     for t in (x, weight, bias):
         t.grad = None
-    if chunk is None:
-        loss = F.cross_entropy(F.linear(x, weight, bias), targets)
-    else:
-        loss = linear_cross_entropy(x, weight, bias, targets, chunk)
-    loss.backward()
+    with torch.set_grad_enabled(not scoring):
+        if chunk is None:
+            loss = F.cross_entropy(F.linear(x, weight, bias), targets)
+        else:
+            loss = linear_cross_entropy(x, weight, bias, targets, chunk)
+    if not scoring:
+        loss.backward()
 
 
 def status_mb(field: str) -> float:
@@ -80,18 +85,17 @@ def peak_mb(size: str, chunk: int | None, args) -> float:
     process (the high-water mark of this one says nothing about one variant)."""
     command = [sys.executable, __file__, "--child", size, str(chunk or 0),
                "--threads", str(args.threads)]
-    if args.default_malloc:
-        command.append("--default-malloc")
+    command += ["--default-malloc"] * args.default_malloc + ["--scoring"] * args.scoring
     done = subprocess.run(command, capture_output=True, text=True, check=True)
     return float(done.stdout)
 
 
 def child(size: str, chunk: int, args) -> None:
-    step(make_inputs(16, 64, 16), chunk or None)
+    step(make_inputs(16, 64, 16), chunk or None, args.scoring)
     inputs = make_inputs(SIZES[size])  # after a tiny step, which pages the code in
     before = status_mb("VmRSS")
     for _ in range(2):
-        step(inputs, chunk or None)
+        step(inputs, chunk or None, args.scoring)
     print(status_mb("VmHWM") - before)
 
 
@@ -104,17 +108,17 @@ def bench(size: str, args) -> None:
     variants = [None, *args.chunks]
     times = {chunk: [] for chunk in variants}
     for chunk in variants:  # warm-up
-        step(inputs, chunk)
+        step(inputs, chunk, args.scoring)
     for _ in range(args.reps):
         for chunk in variants:
             start = time.perf_counter()
-            step(inputs, chunk)
+            step(inputs, chunk, args.scoring)
             times[chunk].append(time.perf_counter() - start)
     base = statistics.median(times[None])
     rows = SIZES[size]
-    gflop = 3 * 2 * rows * IN_SIZE * VOCAB / 1e9
-    print(f"\n{size}: {rows} rows, {IN_SIZE} -> {VOCAB}, {gflop:.1f} GFLOP a step, "
-          f"median of {args.reps}")
+    gflop = (1 if args.scoring else 3) * 2 * rows * IN_SIZE * VOCAB / 1e9
+    print(f"\n{size}: {rows} rows, {IN_SIZE} -> {VOCAB}, {gflop:.1f} GFLOP a "
+          f"{'scoring pass' if args.scoring else 'step'}, median of {args.reps}")
     print(f"  {'variant':<22} {'ms':>8} {'GFLOP/s':>8} {'vs straightforward':>19}"
           + ("" if args.no_memory else f" {'peak MB':>8}"))
     for chunk in variants:
@@ -136,6 +140,8 @@ def main(argv=None) -> None:
     parser.add_argument("--default-malloc", action="store_true",
                         help="leave glibc's malloc as it is (a plain PyTorch loop)")
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory runs")
+    parser.add_argument("--scoring", action="store_true",
+                        help="time the loss alone under torch.no_grad(), as evaluation does")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -409,10 +409,12 @@ def print_table(results: list[dict]) -> None:
     sizes = {r["eval_batch_size"] for r in results}
     b = sizes.pop() if len(sizes) == 1 else " valid"
     header = ("preset", "train tok/s", f"eval tok/s b{b}", "eval tok/s b1", "peak MB",
-              "% GEMM peak", "plain train tok/s", "plain % peak", "lstmlm/plain")
+              "% GEMM peak", f"eval % peak b{b}", "plain train tok/s", "plain % peak",
+              "lstmlm/plain")
     rows = [(r["preset"], f"{r['train_tokens_per_s']:.0f}", f"{r['eval_tokens_per_s']:.0f}",
              f"{r['eval_b1_tokens_per_s']:.0f}", f"{r['peak_train_mb']:.0f}",
-             f"{100 * r['train_fraction_of_peak']:.1f}", f"{r['plain_train_tokens_per_s']:.0f}",
+             f"{100 * r['train_fraction_of_peak']:.1f}",
+             f"{100 * r['eval_fraction_of_peak']:.1f}", f"{r['plain_train_tokens_per_s']:.0f}",
              f"{100 * r['plain_train_fraction_of_peak']:.1f}", f"{r['ratio_to_plain']:.2f}")
             for r in results]
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]

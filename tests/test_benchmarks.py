@@ -21,11 +21,32 @@ def test_throughput_quick_json(tiny_corpus, tmp_path):
     result = json.loads(done.stdout)  # exactly one JSON object on stdout
     assert result["preset"] == "lstm-baseline"
     for key in ("train_tokens_per_s", "eval_tokens_per_s", "eval_b1_tokens_per_s",
-                "gemm_gflops", "train_fraction_of_peak", "plain_train_tokens_per_s",
+                "gemm_gflops", "train_fraction_of_peak", "eval_fraction_of_peak",
+                "plain_train_tokens_per_s",
                 "plain_train_fraction_of_peak", "ratio_to_plain", "peak_train_mb",
                 "peak_eval_mb", "forward_flops_per_token"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["forward_flops_per_token"] == result["plain_forward_flops_per_token"]
+
+
+def test_throughput_table(capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
+    throughput = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(throughput)
+    result = {"preset": "awd-lstm", "train_tokens_per_s": 860.4, "eval_tokens_per_s": 2058.0,
+              "eval_batch_size": 10, "eval_b1_tokens_per_s": 1143.0, "peak_train_mb": 2668.0,
+              "train_fraction_of_peak": 0.923, "eval_fraction_of_peak": 0.737,
+              "plain_train_tokens_per_s": 554.0, "plain_train_fraction_of_peak": 0.595,
+              "ratio_to_plain": 1.55, "gemm_gflops": 187.2, "gemm_size": 4096, "device": "cpu",
+              "threads": 2, "memory": "VmHWM (resident set)", "windows": 5}
+    throughput.print_table([result])
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    assert header.split()[:4] == ["preset", "train", "tok/s", "eval"]
+    assert "eval % peak b10" in header
+    assert row.split() == ["awd-lstm", "860", "2058", "1143", "2668", "92.3", "73.7", "554",
+                           "59.5", "1.55"]
 
 
 def test_ranks_json(tiny_corpus, tmp_path):
@@ -64,3 +85,15 @@ def test_budget_bad_preset_is_one_line(tmp_path):
                            "no-such-preset"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.startswith("budget.py: error: ") and "Traceback" not in done.stderr
+
+
+def test_decoder_loss_scoring_runs():
+    # Forward passes only, at the real lstm-baseline size: a few seconds.
+    command = [sys.executable, str(SCRIPT.with_name("decoder_loss.py")), "--sizes",
+               "lstm-baseline", "--reps", "1", "--threads", "1", "--scoring", "--no-memory"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "a scoring pass" in done.stdout
+    rows = [line.split() for line in done.stdout.splitlines()
+            if line.split()[:1] in (["straightforward"], ["fused,"])]
+    assert len(rows) == 2 and all(float(r[-2]) > 0 for r in rows)  # GFLOP/s
