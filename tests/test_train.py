@@ -167,6 +167,23 @@ def test_bptt_longer_than_the_data(corpus, tmp_path):
         run_training(tiny(corpus, bptt=5000), out=tmp_path / "run", quiet=True)
 
 
+def test_a_signal_takes_effect_at_the_next_tick(corpus, tmp_path):
+    # The handler only marks the signal pending; the clock's tick makes it the stop signal, so
+    # that under DDP (where the tick reduces it over the ranks) all ranks stop after one step.
+    from lstmlm.data import load_corpus
+    from lstmlm.train import Trainer, _StopOnSignal
+
+    trainer = Trainer(tiny(corpus), load_corpus(corpus), tmp_path / "run", quiet=True)
+    trainer.clock = time.monotonic()
+    with _StopOnSignal(trainer):
+        signal.raise_signal(signal.SIGTERM)
+        assert trainer.pending_signal == "SIGTERM" and trainer.stop_reason() is None
+        trainer.tick()
+        assert trainer.stop_reason() == "interrupted" and trainer.stop_signal == "SIGTERM"
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C does not wait
+            signal.raise_signal(signal.SIGINT)
+
+
 def test_sigint_saves_and_resume_continues_mid_epoch(corpus, tmp_path):
     run = tmp_path / "run"
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

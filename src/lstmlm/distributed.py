@@ -107,6 +107,15 @@ def barrier(group: Group) -> None:
         dist.barrier()
 
 
+def leave(group: Group) -> None:
+    """Wait for every rank, then shut the process group down. A rank that exits with the group
+    still up can abort in gloo's teardown ("terminate called without an active exception")
+    while another rank is still writing the checkpoint."""
+    if group.active and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 class LossOf(nn.Module):
     """DDP synchronises gradients only for what runs through its wrapped module's forward,
     so the wrapped module's forward is the model's training loss."""

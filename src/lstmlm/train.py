@@ -128,6 +128,9 @@ class Trainer:
         if cfg.finetune:
             self.start_averaging()
         self.hidden: Hidden | None = None
+        # A signal's name is pending until the next tick, which makes it the stop signal (on
+        # every rank at once under DDP: the ranks must stop after the same step).
+        self.pending_signal: str | None = None
         self.stop_signal: str | None = None
         self.has_checkpoint = False  # whether state.safetensors holds this run's state
         self.initial: tuple[dict, dict] | None = None  # rollback target before the first save
@@ -422,17 +425,19 @@ class Trainer:
                     or cfg.checkpoint_minutes and since_save >= cfg.checkpoint_minutes * 60)
 
     def tick(self) -> None:
-        """Add the wall-clock time since the last tick to the run's training time. Under DDP
-        the ranks take the slowest clock and any rank's stop signal, so they stop together."""
+        """Add the wall-clock time since the last tick to the run's training time, and turn a
+        pending signal into the stop signal. Under DDP the ranks take the slowest clock and
+        any rank's pending signal, so they stop together: a signal that arrives during the
+        reduction waits for the next tick on its rank, as it does on the others."""
         now = time.monotonic()
         self.state.seconds += now - self.clock
         self.clock = now
+        pending, stopping = self.pending_signal, self.pending_signal is not None
         if self.group.active:
             self.state.seconds, stopping = distributed.reduce(
-                [self.state.seconds, float(self.stop_signal is not None)], self.group, "max",
-                self.device)
-            if stopping and self.stop_signal is None:
-                self.stop_signal = "another rank's stop signal"
+                [self.state.seconds, float(stopping)], self.group, "max", self.device)
+        if stopping and self.stop_signal is None:
+            self.stop_signal = pending or "another rank's stop signal"
 
     @property
     def tokens_per_s(self) -> float:
@@ -550,9 +555,9 @@ class _StopOnSignal:
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
-        if self.trainer.stop_signal and signum == signal.SIGINT:
+        if self.trainer.pending_signal and signum == signal.SIGINT:
             raise KeyboardInterrupt
-        self.trainer.stop_signal = signal.Signals(signum).name
+        self.trainer.pending_signal = signal.Signals(signum).name
 
     def __exit__(self, *exc):
         for s, handler in self.previous.items():
@@ -574,7 +579,9 @@ def _train(trainer: Trainer, corpus: Corpus) -> dict:
     trainer.log(f"model: {count_parameters(trainer.model):,} parameters | "
                 f"run directory {trainer.run_dir}")
     with _StopOnSignal(trainer):
-        return trainer.train()
+        results = trainer.train()
+    distributed.leave(trainer.group)  # after a normal return only: a failing rank cannot wait
+    return results
 
 
 def run_training(cfg: Config | None = None, out: Path | None = None, resume: Path | None = None,
