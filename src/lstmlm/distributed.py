@@ -108,9 +108,10 @@ def barrier(group: Group) -> None:
 
 
 def leave(group: Group) -> None:
-    """Wait for every rank, then shut the process group down. A rank that exits with the group
-    still up can abort in gloo's teardown ("terminate called without an active exception")
-    while another rank is still writing the checkpoint."""
+    """Wait for every rank, then shut the process group down, so that no rank tears its
+    connections down at exit while another is still writing the checkpoint. (A rank stopped
+    by a signal can still, rarely, abort at exit in gloo's teardown: "terminate called without
+    an active exception", after the checkpoint is written.)"""
     if group.active and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
