@@ -1,4 +1,5 @@
 import json
+import math
 import os
 import signal
 import subprocess
@@ -107,6 +108,21 @@ def test_lr_decays_on_plateau(corpus, tmp_path):
     run_training(tiny(corpus, epochs=4, lr=50.0, clip=0.0), out=tmp_path / "run", quiet=True)
     lrs = [m["lr"] for m in metrics(tmp_path / "run")]
     assert any(b == a / 4 for a, b in zip(lrs, lrs[1:]))
+
+
+def test_cosine_schedule_anneals_over_the_budget(corpus, tmp_path, monkeypatch):
+    used = []  # the lr of every optimizer step
+    step = torch.optim.SGD.step
+    monkeypatch.setattr(torch.optim.SGD, "step", lambda self, *a, **k: (
+        used.append(self.param_groups[0]["lr"]), step(self, *a, **k))[1])
+    run_training(tiny(corpus, epochs=1000, max_steps=8, eval_interval=4, lr_schedule="cosine",
+                      min_lr=0.1, lr_decay=4.0), out=tmp_path / "run", quiet=True)
+    expected = [0.1 + 1.9 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
+    assert used == pytest.approx(expected)
+    # The plateau decay is off; the metrics log the lr of the next step.
+    assert [m["lr"] for m in metrics(tmp_path / "run")] == pytest.approx([expected[4], 0.1])
+    with pytest.raises(ConfigError, match="lr_schedule must be plateau or cosine"):
+        tiny(corpus, lr_schedule="linear").validate()
 
 
 def test_time_budget_stops_cleanly(corpus, tmp_path):

@@ -69,6 +69,9 @@ class Config:
     momentum: float = _f(0.0, "SGD momentum")
     weight_decay: float = _f(1e-6, "L2 penalty (decoupled for adamw)")
     clip: float = _f(5.0, "clip the global gradient norm to this value (0: no clipping)")
+    lr_schedule: str = _f("plateau", "plateau: divide the lr by lr_decay when validation stops "
+                                     "improving; cosine: anneal it to min_lr over the run "
+                                     "(epochs, max_steps or max_minutes: whichever ends it first)")
     lr_decay: float = _f(4.0, "divide the learning rate by this when validation stops improving")
     lr_patience: int = _f(0, "validations without improvement tolerated before decaying")
     min_lr: float = _f(0.0, "never decay the learning rate below this")
@@ -152,6 +155,8 @@ class Config:
         need(not (self.ntasgd or self.finetune) or self.optimizer == "sgd",
              "ntasgd and finetune average SGD iterates; set optimizer=sgd")
         need(self.lr_decay >= 1, f"lr_decay must be >= 1 (1: never decay), got {self.lr_decay}")
+        need(self.lr_schedule in ("plateau", "cosine"),
+             f"lr_schedule must be plateau or cosine, got {self.lr_schedule!r}")
         need(self.optimizer in ("sgd", "adam", "adamw"),
              f"optimizer must be sgd, adam or adamw, got {self.optimizer!r}")
         need(self.softmax in ("full", "adaptive"),

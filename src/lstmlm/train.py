@@ -309,11 +309,11 @@ class Trainer:
         record = {"epoch": self.epochs_done(), "step": st.step, "seconds": round(st.seconds, 2),
                   "tokens_per_s": round(tokens_per_s, 1), "train_loss": train_loss,
                   "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
-                  "valid_ppl": perplexity(valid_loss), "lr": self.lr, "best": improved}
+                  "valid_ppl": perplexity(valid_loss), "lr": self.scheduled_lr(), "best": improved}
         self._write(lambda: _append_line(self.run_dir / ckpt.METRICS, json.dumps(record)))
         self.log(f"step {st.step} | epoch {st.epoch + 1} | valid loss {valid_loss:.4f} | "
                  f"valid ppl {perplexity(valid_loss):.2f}{' (best)' if improved else ''} | "
-                 f"lr {self.lr:.3g}")
+                 f"lr {self.scheduled_lr():.3g}")
         return valid_loss
 
     def autocast(self):
@@ -352,17 +352,37 @@ class Trainer:
             st.plateau_best, st.bad_checks = valid_loss, 0
             return
         st.bad_checks += 1
-        if st.bad_checks > cfg.lr_patience and cfg.lr_decay > 1:
+        if st.bad_checks > cfg.lr_patience and cfg.lr_decay > 1 and cfg.lr_schedule == "plateau":
             self.lr = max(self.lr / cfg.lr_decay, cfg.min_lr)
             st.bad_checks = 0
 
     # ---- the loop -------------------------------------------------------------------------
 
+    def progress(self) -> float:
+        """Fraction of the run done: the furthest along of its epochs, steps and minutes."""
+        cfg, st = self.cfg, self.state
+        done = [self.epochs_done() / cfg.epochs]
+        if cfg.max_steps:
+            done.append(st.step / cfg.max_steps)
+        if cfg.max_minutes:
+            done.append(st.seconds / (cfg.max_minutes * 60))
+        return min(1.0, max(done))
+
+    def scheduled_lr(self) -> float:
+        """The lr of the next step: under the cosine schedule, the base lr annealed toward
+        min_lr by the run's progress, so a fixed budget ends at a low lr wherever it stops."""
+        if self.cfg.lr_schedule != "cosine":
+            return self.lr
+        low = min(self.cfg.min_lr, self.lr)
+        return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * self.progress()))
+
     def step_optimizer(self, seq_len: int) -> None:
-        """One optimizer step; under variable BPTT the lr is scaled by seq_len / bptt for it."""
+        """One optimizer step at the scheduled lr; under variable BPTT the lr is scaled by
+        seq_len / bptt for it."""
         lr = self.lr
+        self.lr = self.scheduled_lr()
         if self.cfg.variable_bptt:
-            self.lr = lr * seq_len / self.cfg.bptt
+            self.lr *= seq_len / self.cfg.bptt
         self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
         self.scaler.update()
         self.lr = lr
@@ -453,7 +473,8 @@ class Trainer:
         self.window_time += time.monotonic() - t0
         bar.update(rows)
         bar.set_postfix(loss=f"{loss_value:.3f}", ppl=f"{perplexity(loss_value):.1f}",
-                        lr=f"{self.lr:.3g}", tok_s=f"{self.tokens_per_s:.0f}", refresh=False)
+                        lr=f"{self.scheduled_lr():.3g}", tok_s=f"{self.tokens_per_s:.0f}",
+                        refresh=False)
         end_of_epoch = st.position >= self.train_data.size(0) - 1
         if end_of_epoch:
             st.epoch, st.position = st.epoch + 1, 0
