@@ -45,6 +45,14 @@ def test_each_preset_differs_from_its_base_only_by_its_switches(name, switches):
     assert diff == {k: v for k, v in switches.items() if base.to_dict()[k] != v}
 
 
+def test_wt2_cpu_hour_anneals_over_its_hour():
+    cfg = load_preset("wt2-cpu-hour")
+    assert cfg.max_minutes == 60 and cfg.lr_schedule == "cosine" and cfg.softmax == "adaptive"
+    # About ten epochs of WikiText-2 fit in the hour on 2 cores: the epoch limit must not be
+    # what ends the schedule.
+    assert cfg.epochs >= 50
+
+
 @pytest.fixture(scope="module")
 def wikitext_slice(shared_data, tmp_path_factory):
     directory = tmp_path_factory.mktemp("wt2-slice")
