@@ -71,8 +71,10 @@ class Config:
     clip: float = _f(5.0, "clip the global gradient norm to this value (0: no clipping)")
     lr_schedule: str = _f("plateau", "plateau: divide the lr by lr_decay when validation stops "
                                      "improving; cosine: anneal it to min_lr over the run "
-                                     "(epochs, max_steps or max_minutes: whichever ends it first)")
-    lr_decay: float = _f(4.0, "divide the learning rate by this when validation stops improving")
+                                     "(by epochs, max_steps or max_minutes, whichever is "
+                                     "furthest along)")
+    lr_decay: float = _f(4.0, "plateau schedule: divide the lr by this when validation stops "
+                                 "improving")
     lr_patience: int = _f(0, "validations without improvement tolerated before decaying")
     min_lr: float = _f(0.0, "never decay the learning rate below this")
     ntasgd: bool = _f(False, "switch from SGD to averaged SGD when validation stops improving")
