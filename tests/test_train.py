@@ -119,10 +119,22 @@ def test_cosine_schedule_anneals_over_the_budget(corpus, tmp_path, monkeypatch):
                       min_lr=0.1, lr_decay=4.0), out=tmp_path / "run", quiet=True)
     expected = [0.1 + 1.9 * 0.5 * (1 + math.cos(math.pi * k / 8)) for k in range(8)]
     assert used == pytest.approx(expected)
-    # The plateau decay is off; the metrics log the lr of the next step.
+    # The metrics log the lr of the next step.
     assert [m["lr"] for m in metrics(tmp_path / "run")] == pytest.approx([expected[4], 0.1])
     with pytest.raises(ConfigError, match="lr_schedule must be plateau or cosine"):
         tiny(corpus, lr_schedule="linear").validate()
+
+
+def test_cosine_schedule_replaces_the_plateau_decay(corpus, tmp_path):
+    # With test_lr_decays_on_plateau's lr, some validations get worse (perplexity 1.00 ->
+    # 1.01): no division by 4 here, only the cosine over the 8 epochs (the logged lr is that
+    # of the next step).
+    run_training(tiny(corpus, epochs=8, lr=50.0, clip=0.0, lr_schedule="cosine"),
+                 out=tmp_path / "run", quiet=True)
+    lines = metrics(tmp_path / "run")
+    assert any(not m["best"] for m in lines)
+    assert [m["lr"] for m in lines] == pytest.approx(
+        [25 * (1 + math.cos(math.pi * k / 8)) for k in range(1, 9)], abs=1e-9)
 
 
 def test_time_budget_stops_cleanly(corpus, tmp_path):

@@ -306,14 +306,15 @@ class Trainer:
         if schedule:
             self.schedule(valid_loss)
         st.validated_step = st.step
+        lr = self.scheduled_lr()
         record = {"epoch": self.epochs_done(), "step": st.step, "seconds": round(st.seconds, 2),
                   "tokens_per_s": round(tokens_per_s, 1), "train_loss": train_loss,
                   "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
-                  "valid_ppl": perplexity(valid_loss), "lr": self.scheduled_lr(), "best": improved}
+                  "valid_ppl": perplexity(valid_loss), "lr": lr, "best": improved}
         self._write(lambda: _append_line(self.run_dir / ckpt.METRICS, json.dumps(record)))
         self.log(f"step {st.step} | epoch {st.epoch + 1} | valid loss {valid_loss:.4f} | "
                  f"valid ppl {perplexity(valid_loss):.2f}{' (best)' if improved else ''} | "
-                 f"lr {self.scheduled_lr():.3g}")
+                 f"lr {lr:.3g}")
         return valid_loss
 
     def autocast(self):
@@ -344,7 +345,8 @@ class Trainer:
                 self.start_averaging()
                 self.log(f"step {st.step}: validation stopped improving, switching to averaged SGD")
         st.valid_history.append(valid_loss)
-        self.decay_on_plateau(valid_loss)
+        if cfg.lr_schedule == "plateau":
+            self.decay_on_plateau(valid_loss)
 
     def decay_on_plateau(self, valid_loss: float) -> None:
         cfg, st = self.cfg, self.state
@@ -352,7 +354,7 @@ class Trainer:
             st.plateau_best, st.bad_checks = valid_loss, 0
             return
         st.bad_checks += 1
-        if st.bad_checks > cfg.lr_patience and cfg.lr_decay > 1 and cfg.lr_schedule == "plateau":
+        if st.bad_checks > cfg.lr_patience and cfg.lr_decay > 1:
             self.lr = max(self.lr / cfg.lr_decay, cfg.min_lr)
             st.bad_checks = 0
 
