@@ -28,6 +28,20 @@ def test_mean_cross_entropy_of_the_logits(softmax):
     assert not model.training
 
 
+def test_windows_scored_together_give_the_same_loss():
+    """The decoder runs on several windows at once (up to a chunk of the fused loss): 8 x 30
+    rows a window, 4 windows to a chunk of 1,024 rows, 17 windows, the last one short."""
+    torch.manual_seed(0)
+    model = LSTMLM(Config(embedding_size=8, hidden_size=12, num_layers=2), vocab_size=50)
+    data = batchify(torch.randint(0, 50, (8 * 500,)), 8)
+    loss, tokens = evaluate(model, data, bptt=30)
+    with torch.no_grad():
+        logits, _ = model(data[:-1], model.init_hidden(8))
+        expected = F.cross_entropy(logits.view(-1, 50), data[1:].reshape(-1))
+    assert tokens == 499 * 8
+    assert loss == pytest.approx(expected.item(), rel=1e-5)
+
+
 def test_perplexity_saturates():
     assert perplexity(0.0) == 1.0
     assert perplexity(math.log(50)) == pytest.approx(50)

@@ -90,6 +90,28 @@ def test_no_grad_computes_the_loss_only():
     torch.testing.assert_close(loss, expected, **TOL)
 
 
+def test_target_probabilities_that_underflow_keep_their_exact_log():
+    """Log-probabilities come from the softmax; a target given less than 1e-30 (here about
+    e^-300, half of the rows) must not come out as log 0 = -inf. Weights this large make
+    float32 gradients lose digits, so they are held to the float64 ones."""
+    x, weight, bias, targets = inputs()
+    with torch.no_grad():
+        weight.mul_(100)
+        low = F.linear(x, weight, bias).argmin(1)
+        targets = torch.where(torch.arange(ROWS) % 2 == 0, low, targets)
+    exact = [t.detach().double().requires_grad_() for t in (x, weight, bias)]
+    expected, expected_grads = loss_and_grads(reference, *exact, targets)
+    assert expected > 100
+    loss, grads = loss_and_grads(lambda *a: linear_cross_entropy(*a, chunk_rows=5),
+                                 x, weight, bias, targets)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+    for got, want in zip(grads, expected_grads, strict=True):
+        torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        loss = linear_cross_entropy(x, weight, bias, targets, chunk_rows=5)
+    torch.testing.assert_close(loss.double(), expected, rtol=1e-6, atol=0)
+
+
 def test_no_rows_gives_nan_and_zero_gradients_like_cross_entropy():
     _, weight, bias, targets = inputs()
     x = torch.zeros(0, IN, requires_grad=True)

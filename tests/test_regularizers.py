@@ -1,7 +1,27 @@
 import pytest
 import torch
 
-from lstmlm.regularizers import activation_penalty, drop_connect, embedding_dropout, locked_dropout
+from lstmlm.regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout,
+                                 keep_mask, locked_dropout)
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.8])
+def test_keep_mask_keeps_one_minus_p_scaled(p):
+    mask = keep_mask((200, 500), p, torch.empty(0, dtype=torch.float64),
+                     torch.Generator().manual_seed(0))
+    assert mask.dtype == torch.float64
+    assert mask.unique().tolist() == [0.0, 1 / (1 - p)]
+    assert (mask == 0).double().mean().item() == pytest.approx(p, abs=0.01)  # 100k draws
+
+
+def test_dropout_from_a_generator_repeats_and_passes_gradients_through_the_mask():
+    x = torch.randn(30, 40, requires_grad=True)
+    first = dropout(x, 0.5, True, torch.Generator().manual_seed(3))
+    again = dropout(x, 0.5, True, torch.Generator().manual_seed(3))
+    assert torch.equal(first, again)
+    first.sum().backward()
+    assert torch.equal(x.grad, (first != 0).float() * 2.0)
+    assert dropout(x, 0.5, False) is x and dropout(x, 0.0, True) is x
 
 
 def test_locked_dropout_mask_is_constant_over_time():

@@ -224,7 +224,7 @@ def test_cache_and_dynamic_evaluation(alm, tiny_corpus):
     assert cached < static
     before = {k: v.clone() for k, v in alm.model.state_dict().items()}
     train = alm.vocab.encode(read_lines(tiny_corpus / "train.txt"))[0]
-    dynamic, _ = dynamic_evaluate(alm.model, repeated, train, lr=1e-2, stat_batches=5)
+    dynamic, _ = dynamic_evaluate(alm.model, repeated, train, lr=3e-3, stat_batches=5)
     assert dynamic < static
     assert all(torch.equal(before[k], v) for k, v in alm.model.state_dict().items())
 

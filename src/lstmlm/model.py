@@ -99,17 +99,22 @@ class LSTMLM(nn.Module):
         Targets are flattened time-major. The penalty is zero unless training with AR/TAR on.
         """
         dropped, raw, hidden = self.features(tokens, hidden)
-        if isinstance(self.decoder, AdaptiveSoftmax):  # the head and the targets' clusters only
-            loss = self.decoder.loss(dropped.reshape(-1, dropped.size(-1)), targets)
-        elif torch.is_autocast_enabled(dropped.device.type):  # autocast's low-precision decoder
-            loss = F.cross_entropy(self.decoder(dropped).view(-1, self.vocab_size), targets)
-        else:  # the same loss, never holding the (tokens x vocabulary) logits (fused.py)
-            loss = linear_cross_entropy(dropped.reshape(-1, dropped.size(-1)),
-                                        self.decoder.weight, self.decoder.bias, targets)
+        loss = self.output_loss(dropped, targets)
         penalty = loss.new_zeros(())
         if self.training and (self.cfg.ar_alpha or self.cfg.tar_beta):
             penalty = activation_penalty(dropped, raw, self.cfg.ar_alpha, self.cfg.tar_beta)
         return loss, penalty, hidden
+
+    def output_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of the decoder's prediction from features x (..., output size)
+        against flat targets."""
+        x = x.reshape(-1, x.size(-1))
+        if isinstance(self.decoder, AdaptiveSoftmax):  # the head and the targets' clusters only
+            return self.decoder.loss(x, targets)
+        if torch.is_autocast_enabled(x.device.type):  # autocast's low-precision decoder
+            return F.cross_entropy(self.decoder(x), targets)
+        # the same loss, never holding the (tokens x vocabulary) logits (fused.py)
+        return linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets)
 
 
 def detach(hidden: Hidden) -> Hidden:
