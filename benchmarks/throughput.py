@@ -16,24 +16,28 @@ For each preset (default lstm-baseline, awd-lstm, awd-lstm-cpu; on WikiText-2, f
   `LSTMLM.loss` with the preset's regularizers, backward, clipping, the optimizer step) on a
   `Trainer` built from the preset;
 - evaluation tokens/s (`lstmlm.evaluate.evaluate`) at the preset's validation batch size (10)
-  and at batch size 1 (AWD-LSTM's test setting), on a few BPTT windows of the validation split;
+  and at batch size 1 (AWD-LSTM's test setting), on BPTT windows of the validation split, as many
+  as `evaluate` scores together (up to a chunk of the fused loss), whole groups of them;
 - peak memory of each phase: the resident set's high-water mark (VmHWM, reset before each
   window through /proc/self/clear_refs; where that is refused, ru_maxrss of the whole process);
   with --device cuda, the peak GPU memory torch allocated;
 - the fraction of the machine's fp32 matrix-multiply peak, itself measured in the same run
-  (median GFLOP/s of a --gemm-size square `torch.mm` at the same thread count). A training step
+  (median GFLOP/s of a --gemm-size square `torch.mm` at the same thread count, timed between
+  the training windows for training and between the evaluation windows for evaluation). A training step
   counts 3x the forward matrix FLOPs, evaluation 1x; forward FLOPs per token are
   2*4*(in+hidden)*hidden per LSTM layer plus 2*in*vocabulary for the decoder, read off the
   actual model's layers;
 - a yardstick: the same training numbers for a plain PyTorch step of the same size, as
   pytorch/examples' word_language_model does it: nn.Embedding -> nn.LSTM (a ModuleList of
   nn.LSTMs where layer sizes differ) -> nn.Linear -> F.cross_entropy -> clip -> SGD step,
-  fixed BPTT, no dropout or other regularizers.
+  fixed BPTT, no dropout or other regularizers; and the same plain step again with glibc's
+  malloc told to keep freed memory through the environment (MALLOC_MMAP_MAX_=0,
+  MALLOC_TRIM_THRESHOLD_=68719476736), the tuning that speeds such peer code up the most.
 
 lstmlm tunes the process's malloc (`lstmlm.allocator.keep_freed_memory`, applied by
-`Trainer`), and the yardstick should keep the default allocator, so each runs in its own
+`Trainer`), and the first yardstick should keep the default allocator, so each runs in its own
 long-lived worker subprocess (this script, re-invoked with a hidden flag). The parent drives
-them over pipes one window at a time, alternating lstmlm, plain, GEMM, lstmlm, plain, GEMM, ...
+them over pipes one window at a time, alternating lstmlm, plain, tuned plain, GEMM, lstmlm, ...
 so that noise from other processes on the machine hits all alike; each figure is the median
 over --windows windows, after --warmup steps. `--weight-drop-cost` adds a third worker, lstmlm
 with weight_drop=0, to the rotation of the presets that use weight drop.
@@ -67,11 +71,13 @@ from lstmlm.config import Config, load_preset, parse_assignment
 from lstmlm.data import batchify, get_batch, load_corpus
 from lstmlm.datasets import resolve_data
 from lstmlm.evaluate import evaluate
+from lstmlm.fused import CHUNK_ROWS
 from lstmlm.train import Trainer, pick_device
 
 PRESETS = ("lstm-baseline", "awd-lstm", "awd-lstm-cpu")
 TRAIN_WINDOW_GFLOP = 150.0  # default work per training window
-EVAL_WINDOW_GFLOP = 50.0  # default work per evaluation window at the validation batch size
+EVAL_WINDOW_GFLOP = 50.0  # about the work of an evaluation measure, at either batch size
+TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
 # ---- measuring ----------------------------------------------------------------------------
@@ -271,12 +277,14 @@ def worker_main(spec: dict) -> None:
 class Worker:
     """A worker subprocess, seen from the parent."""
 
-    def __init__(self, name: str, kind: str, cfg: Config, threads: int | None):
+    def __init__(self, name: str, kind: str, cfg: Config, threads: int | None,
+                 env: dict | None = None):
         self.name = name
         spec = {"kind": kind, "config": cfg.to_dict(), "threads": threads}
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+            env={**os.environ, **(env or {})})
 
     def read(self) -> dict:
         line = self.process.stdout.readline()
@@ -316,12 +324,23 @@ def windows_for(budget_gflop: float, gflop_per_window: float) -> int:
     return max(1, round(budget_gflop / gflop_per_window))
 
 
+def eval_windows_for(cfg: Config, batch_size: int, flops: int) -> int:
+    """BPTT windows per evaluation measure: about EVAL_WINDOW_GFLOP of work, rounded up to
+    whole groups of the windows that `evaluate` scores together (up to a chunk of the fused
+    loss), as it does throughout a real split."""
+    rows = batch_size * cfg.bptt
+    per_group = max(1, CHUNK_ROWS // rows)
+    windows = windows_for(EVAL_WINDOW_GFLOP, flops * rows / 1e9)
+    return -(-windows // per_group) * per_group
+
+
 def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
     device = pick_device(args.device)
     cfg = load_preset(name)
     cfg.update({"data": str(data_dir), "device": device.type, **overrides})
     workers = {"lstmlm": Worker("lstmlm", "lstmlm", cfg, args.threads),
-               "plain": Worker("plain", "plain", cfg, args.threads)}
+               "plain": Worker("plain", "plain", cfg, args.threads),
+               "plain_tuned": Worker("plain_tuned", "plain", cfg, args.threads, TUNED_MALLOC)}
     if args.weight_drop_cost and cfg.weight_drop > 0:
         no_drop = Config.from_dict({**cfg.to_dict(), "weight_drop": 0.0})
         workers["no_weight_drop"] = Worker("no_weight_drop", "lstmlm", no_drop, args.threads)
@@ -331,8 +350,9 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
         step_gflop = 3 * flops * info["lstmlm"]["tokens_per_step"] / 1e9
         steps = args.steps or (1 if args.quick else windows_for(TRAIN_WINDOW_GFLOP, step_gflop))
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else steps)
-        eval_windows = 1 if args.quick else windows_for(
-            EVAL_WINDOW_GFLOP, flops * cfg.valid_batch_size * cfg.bptt / 1e9)
+        batch_sizes = (cfg.valid_batch_size, 1)
+        eval_windows = {bs: 1 if args.quick else eval_windows_for(cfg, bs, flops)
+                        for bs in batch_sizes}
         log(f"{name}: {flops:,} forward FLOP/token, {steps} step(s) per window, "
             f"{warmup} warm-up step(s), {args.windows} window(s)")
 
@@ -351,24 +371,27 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
                 + f" tokens/s, GEMM {gemm[-1]:.1f} GFLOP/s")
 
         lstmlm = workers["lstmlm"]
-        batch_sizes = (cfg.valid_batch_size, 1)
         evals = {bs: [] for bs in batch_sizes}
         for bs in batch_sizes:
             lstmlm.call("evaluate", batch_size=bs, windows=1)  # warm-up
+        eval_gemm = []
         for _ in range(args.windows):
             for bs in batch_sizes:
-                evals[bs].append(lstmlm.call("evaluate", batch_size=bs, windows=eval_windows))
+                evals[bs].append(lstmlm.call("evaluate", batch_size=bs,
+                                             windows=eval_windows[bs]))
+            eval_gemm.append(gemm_gflops(args.gemm_size, device))
         log(f"{name}: evaluation done")
     finally:
         for w in workers.values():
             w.close()
 
-    peak_gflops = statistics.median(gemm)
+    peak_gflops, eval_peak_gflops = statistics.median(gemm), statistics.median(eval_gemm)
 
-    def fraction(tokens_per_s: float, passes: int) -> float:
-        return tokens_per_s * passes * flops / (peak_gflops * 1e9)
+    def fraction(tokens_per_s: float, passes: int, peak: float = peak_gflops) -> float:
+        return tokens_per_s * passes * flops / (peak * 1e9)
 
     train_rate, plain_rate = rate(train["lstmlm"]), rate(train["plain"])
+    tuned_rate = rate(train["plain_tuned"])
     eval_rate, eval_b1_rate = rate(evals[cfg.valid_batch_size]), rate(evals[1])
     result = {
         "preset": name, "device": device.type, "threads": info["lstmlm"]["threads"],
@@ -382,15 +405,20 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
         "gemm_gflops": peak_gflops, "gemm_size": args.gemm_size,
         "forward_flops_per_token": flops,
         "train_fraction_of_peak": fraction(train_rate, 3),
-        "eval_fraction_of_peak": fraction(eval_rate, 1),
-        "eval_b1_fraction_of_peak": fraction(eval_b1_rate, 1),
+        "eval_gemm_gflops": eval_peak_gflops,
+        "eval_fraction_of_peak": fraction(eval_rate, 1, eval_peak_gflops),
+        "eval_b1_fraction_of_peak": fraction(eval_b1_rate, 1, eval_peak_gflops),
         "plain_train_tokens_per_s": plain_rate,
         "plain_forward_flops_per_token": info["plain"]["forward_flops_per_token"],
         "plain_train_fraction_of_peak": fraction(plain_rate, 3),
         "plain_peak_train_mb": peak(train["plain"], device),
         "ratio_to_plain": train_rate / plain_rate,
+        "plain_tuned_train_tokens_per_s": tuned_rate,
+        "plain_tuned_train_fraction_of_peak": fraction(tuned_rate, 3),
+        "ratio_to_plain_tuned": train_rate / tuned_rate,
         "windows": args.windows, "steps_per_window": steps, "warmup_steps": warmup,
-        "eval_windows": eval_windows, "bptt": cfg.bptt,
+        "eval_windows": eval_windows[cfg.valid_batch_size], "eval_b1_windows": eval_windows[1],
+        "bptt": cfg.bptt,
     }
     if "no_weight_drop" in train:
         no_drop_rate = rate(train["no_weight_drop"])
@@ -410,20 +438,22 @@ def print_table(results: list[dict]) -> None:
     b = sizes.pop() if len(sizes) == 1 else " valid"
     header = ("preset", "train tok/s", f"eval tok/s b{b}", "eval tok/s b1", "peak MB",
               "% GEMM peak", f"eval % peak b{b}", "plain train tok/s", "plain % peak",
-              "lstmlm/plain")
+              "lstmlm/plain", "tuned plain tok/s", "lstmlm/tuned")
     rows = [(r["preset"], f"{r['train_tokens_per_s']:.0f}", f"{r['eval_tokens_per_s']:.0f}",
              f"{r['eval_b1_tokens_per_s']:.0f}", f"{r['peak_train_mb']:.0f}",
              f"{100 * r['train_fraction_of_peak']:.1f}",
              f"{100 * r['eval_fraction_of_peak']:.1f}", f"{r['plain_train_tokens_per_s']:.0f}",
-             f"{100 * r['plain_train_fraction_of_peak']:.1f}", f"{r['ratio_to_plain']:.2f}")
+             f"{100 * r['plain_train_fraction_of_peak']:.1f}", f"{r['ratio_to_plain']:.2f}",
+             f"{r['plain_tuned_train_tokens_per_s']:.0f}", f"{r['ratio_to_plain_tuned']:.2f}")
             for r in results]
     widths = [max(len(row[i]) for row in rows + [header]) for i in range(len(header))]
     for row in [header] + rows:
         print("  ".join(cell.ljust(w) if i == 0 else cell.rjust(w)
                         for i, (cell, w) in enumerate(zip(row, widths))))
-    gemm = ", ".join(f"{r['preset']} {r['gemm_gflops']:.1f}" for r in results)
+    gemm = ", ".join(f"{r['preset']} {r['gemm_gflops']:.1f} / {r['eval_gemm_gflops']:.1f}"
+                     for r in results)
     print(f"\nGEMM peak (fp32 {r0['gemm_size']}^3 torch.mm, {r0['device']}, {r0['threads']} "
-          f"threads), GFLOP/s: {gemm}")
+          f"threads), GFLOP/s, measured between the training / evaluation windows: {gemm}")
     print(f"peak MB: training phase, {r0['memory']}; medians over {r0['windows']} window(s)")
     costs = [r for r in results if "weight_drop_ratio" in r]
     if costs:
