@@ -24,8 +24,8 @@ For each preset (default lstm-baseline, awd-lstm, awd-lstm-cpu; on WikiText-2, f
 - the fraction of the machine's fp32 matrix-multiply peak, itself measured in the same run:
   the best GFLOP/s of a --gemm-size square `torch.mm` at the same thread count, timed after
   every round of training windows and of evaluation windows (the best, not the median: on a
-  shared machine other processes only ever slow a sample down, so the fractions err low). A training step
-  counts 3x the forward matrix FLOPs, evaluation 1x; forward FLOPs per token are
+  shared machine other processes only ever slow a sample down, so the fractions err low).
+  A training step counts 3x the forward matrix FLOPs, evaluation 1x; forward FLOPs per token are
   2*4*(in+hidden)*hidden per LSTM layer plus 2*in*vocabulary for the decoder, read off the
   actual model's layers;
 - a yardstick: the same training numbers for a plain PyTorch step of the same size, as
