@@ -101,3 +101,13 @@ def test_decoder_loss_scoring_runs():
     rows = [line.split() for line in done.stdout.splitlines()
             if line.split()[:1] in (["straightforward"], ["fused,"])]
     assert len(rows) == 2 and all(float(r[-2]) > 0 for r in rows)  # GFLOP/s
+
+
+def test_kernels_prints_every_case():
+    command = [sys.executable, str(SCRIPT.with_name("kernels.py")), "--reps", "1",
+               "--threads", "1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    times = [float(line.split(" ms")[0].split()[-1]) for line in done.stdout.splitlines()
+             if " ms" in line]
+    assert len(times) == 15 and all(t > 0 for t in times)

@@ -6,7 +6,7 @@ log-softmax's): at AWD-LSTM's size (80 x 70 tokens, 33,278 words) each is 745 MB
 read again every step, and page-faulted in anew unless the allocator keeps freed memory
 (allocator.py). `linear_cross_entropy` computes the same loss a chunk of rows at a time in
 one reused chunk-sized buffer. The gradient of the loss with respect to a chunk's logits is
-known as soon as their log-softmax is, softmax - onehot (over N, for the mean), so the
+known as soon as their softmax is, softmax - onehot (over N, for the mean), so the
 forward pass also computes from it the chunk's share of the gradients of x, the weight and
 the bias, and the backward pass only scales them by the incoming gradient. The matrix
 products are the unfused decoder's three (x W^T; then G W and G^T x, there in the backward
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-# Rows per chunk, measured with benchmarks/decoder_loss.py on 2 CPU cores (400 -> 33,278):
+# Rows per chunk, measured with benchmarks/decoder_loss.py on 2 CPU cores (400 -> 33,278; with
+# the logits then laid out (vocabulary, rows)):
 # AWD-LSTM's 5,600 rows ran 4% slower in chunks of 512 and no faster in chunks of 2,048;
 # 2,048 rows ran 12% slower in chunks of 256 (each chunk reads W twice and updates its
 # gradient once). 1,024 rows of 33,278 words is a 136 MB buffer, and lstm-baseline's 20 x 35
@@ -69,9 +70,8 @@ def _loss_and_grads(x, weight, bias, targets, chunk_rows, need):
     in `need`]).
 
     A chunk's logits are (rows, vocabulary), each buffer row padded to a multiple of 16
-    floats: MKL computes x_c W^T into rows that start 64-byte aligned at about the speed of
-    the best layout, 1.6x faster than into unpadded rows of 33,278 floats (benchmarks/
-    decoder_loss.py). The padding columns hold -inf, so the softmax can sweep whole buffer
+    floats: on 2 cores MKL computed x_c W^T (700 rows, 400 -> 33,278) into rows that start
+    64-byte aligned 1.6x faster than into unpadded rows. The padding columns hold -inf, so the softmax can sweep whole buffer
     rows, contiguous, in its fast kernel (2.8x faster on 2 cores than along the other
     dimension of the transposed layout), and gives them probability 0.
 
@@ -79,7 +79,7 @@ def _loss_and_grads(x, weight, bias, targets, chunk_rows, need):
     and the target's log-probability is the log of its entry. Where that entry underflows
     (the model gives the target less than 1e-30) the log would lose it, so those rows'
     log-probabilities are computed again from their logits; training at a sane learning
-    rate never gets there.
+    rate never gets there. (Checking for it costs a GPU one synchronisation per chunk.)
     """
     need_x, need_weight, need_bias = need
     n, vocab = x.size(0), weight.size(0)

@@ -1,0 +1,135 @@
+#!/usr/bin/env python
+"""The pieces of a training step that are not the big matrix products, each against the
+alternative lstmlm chose not to use, at lstm-baseline's size (700 rows, 400 -> 33,278 words,
+26M parameters). Medians of interleaved repetitions, in one process:
+
+    python benchmarks/kernels.py
+    python benchmarks/kernels.py --reps 3 --threads 1      # quicker
+
+- optimizer step over the decoder's and the embedding's weights: torch's default SGD and Adam
+  against the fused ones (`fused=True`, what lstmlm.optim uses);
+- a chunk's softmax: along the vocabulary of (vocabulary, rows) logits against along the rows
+  of (rows, vocabulary) ones, padded to 16 floats (what lstmlm.fused uses), and log_softmax +
+  exp (what it used to compute);
+- a dropout mask for a 2048 x 512 weight: bernoulli_ (and F.dropout) against uniforms >= p
+  (lstmlm.regularizers.keep_mask);
+- and, for scale, two matrix-product-bound pieces: the decoder's forward product into either
+  layout of the chunk, and the forward pass of an nn.LSTM(1150, 1150) over 70 time steps at
+  batch 10 (AWD-LSTM's validation batch) and batch 80 (its training batch), with GFLOP/s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from lstmlm.regularizers import keep_mask
+
+ROWS, HIDDEN, VOCAB, EMBEDDING = 700, 400, 33278, 380
+
+
+def timed_ms(fn) -> float:
+    start = time.perf_counter()
+    fn()
+    return 1000 * (time.perf_counter() - start)
+
+
+def optimizer_cases() -> dict:
+    params = [torch.nn.Parameter(torch.randn(VOCAB, HIDDEN)),
+              torch.nn.Parameter(torch.randn(VOCAB, EMBEDDING))]
+    for p in params:
+        p.grad = torch.randn_like(p) * 1e-3
+    cases = {}
+    for fused in (False, True):
+        sgd = torch.optim.SGD(params, lr=1e-3, weight_decay=1e-6, fused=fused)
+        adam = torch.optim.Adam(params, lr=1e-6, fused=fused)
+        cases[f"SGD step, {'fused' if fused else 'default'}"] = sgd.step
+        cases[f"Adam step, {'fused' if fused else 'default'}"] = adam.step
+    return cases
+
+
+def softmax_cases() -> dict:
+    padded_rows = -(-ROWS // 16) * 16
+    vocab_major = torch.randn(VOCAB, padded_rows)
+    rows_major = torch.randn(ROWS, -(-VOCAB // 16) * 16)
+    source = torch.randn(VOCAB, padded_rows)
+
+    def log_softmax_then_exp():
+        vocab_major.copy_(source)
+        torch.log_softmax(vocab_major, 0, out=vocab_major).exp_()
+
+    def copy_only():
+        vocab_major.copy_(source)
+
+    return {"softmax of (vocabulary, rows) along dim 0":
+            lambda: torch.softmax(vocab_major, 0, out=vocab_major),
+            "log_softmax + exp of (vocabulary, rows), plus a copy": log_softmax_then_exp,
+            "the copy alone": copy_only,
+            "softmax of (rows, padded vocabulary) along dim 1":
+            lambda: torch.softmax(rows_major, 1, out=rows_major)}
+
+
+def mask_cases() -> dict:
+    weight = torch.randn(4 * 512, 512)
+    return {"bernoulli_ mask": lambda: torch.empty_like(weight).bernoulli_(0.7),
+            "F.dropout": lambda: F.dropout(weight, 0.3, True),
+            "keep_mask (uniforms >= p)": lambda: keep_mask(weight.shape, 0.3, weight)}
+
+
+def product_cases() -> dict:
+    """name -> (function, FLOPs)"""
+    weight, bias, x = torch.randn(VOCAB, HIDDEN), torch.randn(VOCAB), torch.randn(ROWS, HIDDEN)
+    vocab_major = torch.empty(VOCAB, -(-ROWS // 16) * 16)[:, :ROWS]
+    rows_major = torch.empty(ROWS, -(-VOCAB // 16) * 16)[:, :VOCAB]
+    decoder_flops = 2 * ROWS * HIDDEN * VOCAB
+    cases = {"decoder product into (vocabulary, rows)": (
+                 lambda: torch.addmm(bias.unsqueeze(1), weight, x.t(), out=vocab_major),
+                 decoder_flops),
+             "decoder product into (rows, padded vocabulary)": (
+                 lambda: torch.addmm(bias, x, weight.t(), out=rows_major), decoder_flops)}
+    lstm = torch.nn.LSTM(1150, 1150)
+    for batch in (10, 80):
+        tokens = torch.randn(70, batch, 1150)
+
+        def forward(tokens=tokens):
+            with torch.no_grad():
+                lstm(tokens)
+
+        cases[f"nn.LSTM(1150, 1150) forward, 70 x {batch} tokens"] = (
+            forward, 2 * 4 * 2300 * 1150 * 70 * batch)
+    return cases
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--reps", type=int, default=11, help="timed repetitions of each (default 11)")
+    p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    args = p.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
+          f"median of {args.reps} (interleaved)")
+    products = product_cases()
+    for title, cases in (("optimizer step, 26M parameters", optimizer_cases()),
+                         (f"softmax of a {ROWS}-row chunk", softmax_cases()),
+                         ("dropout mask, 2048 x 512", mask_cases()),
+                         ("matrix products", {k: fn for k, (fn, _) in products.items()})):
+        times = {name: [] for name in cases}
+        for fn in cases.values():
+            fn()  # warm-up
+        for _ in range(args.reps):
+            for name, fn in cases.items():
+                times[name].append(timed_ms(fn))
+        print(f"\n{title}:")
+        for name, ts in times.items():
+            ms = statistics.median(ts)
+            rate = f"  {products[name][1] / ms / 1e6:6.1f} GFLOP/s" if name in products else ""
+            print(f"  {name:<52} {ms:8.2f} ms{rate}")
+
+
+if __name__ == "__main__":
+    main()
