@@ -12,6 +12,7 @@ def test_keep_mask_keeps_one_minus_p_scaled(p):
     assert mask.dtype == torch.float64
     assert mask.unique().tolist() == [0.0, 1 / (1 - p)]
     assert (mask == 0).double().mean().item() == pytest.approx(p, abs=0.01)  # 100k draws
+    assert keep_mask((3,), p, torch.empty(0, dtype=torch.bfloat16)).dtype == torch.bfloat16
 
 
 def test_dropout_from_a_generator_repeats_and_passes_gradients_through_the_mask():

@@ -71,9 +71,10 @@ def _loss_and_grads(x, weight, bias, targets, chunk_rows, need):
 
     A chunk's logits are (rows, vocabulary), each buffer row padded to a multiple of 16
     floats: on 2 cores MKL computed x_c W^T (700 rows, 400 -> 33,278) into rows that start
-    64-byte aligned 1.6x faster than into unpadded rows. The padding columns hold -inf, so the softmax can sweep whole buffer
-    rows, contiguous, in its fast kernel (2.8x faster on 2 cores than along the other
-    dimension of the transposed layout), and gives them probability 0.
+    64-byte aligned 1.6x faster than into unpadded rows. The padding columns hold -inf, so
+    the softmax can sweep whole buffer rows, contiguous, in its fast kernel (about 3x faster
+    than along the vocabulary of (vocabulary, rows) logits, benchmarks/kernels.py), and
+    gives them probability 0.
 
     The chunk's softmax is computed in place, once: it is the gradient (less the one-hot),
     and the target's log-probability is the log of its entry. Where that entry underflows
