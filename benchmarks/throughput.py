@@ -40,13 +40,14 @@ lstmlm tunes the process's malloc (`lstmlm.allocator.keep_freed_memory`, applied
 long-lived worker subprocess (this script, re-invoked with a hidden flag). The parent drives
 them over pipes one window at a time, alternating lstmlm, plain, tuned plain, GEMM, lstmlm, ...
 so that noise from other processes on the machine hits all alike; each figure is the median
-over --windows windows, after --warmup steps. `--weight-drop-cost` adds a third worker, lstmlm
+over --windows windows, after --warmup steps. `--weight-drop-cost` adds a fourth worker, lstmlm
 with weight_drop=0, to the rotation of the presets that use weight drop.
 
 Window sizes are picked per preset from a FLOP budget (a training window is about 150 GFLOP:
 2 steps of lstm-baseline, 1 step of awd-lstm-cpu or awd-lstm); --steps and --warmup override
-them. On 2 idle CPU cores, where awd-lstm trains at ~500 tokens/s (~11 s a step of 80 x 70
-tokens), the default run takes about 4 minutes, more than half of it awd-lstm; --quick (one
+them. On 2 idle CPU cores, where awd-lstm trains at ~900 tokens/s and its plain yardstick at
+~450 (~6 and ~12 s a step of 80 x 70 tokens), the default run takes about 8 minutes, more than
+half of it awd-lstm; --quick (one
 warm-up step, then one window of one step per measure: a smoke test, not a measurement) about
 1.5 minutes. Twice as long when another process is using the cores.
 """
