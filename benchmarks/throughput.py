@@ -47,9 +47,9 @@ Window sizes are picked per preset from a FLOP budget (a training window is abou
 2 steps of lstm-baseline, 1 step of awd-lstm-cpu or awd-lstm); --steps and --warmup override
 them. On 2 idle CPU cores, where awd-lstm trains at ~900 tokens/s and its plain yardstick at
 ~450 (~6 and ~12 s a step of 80 x 70 tokens), the default run takes about 8 minutes, more than
-half of it awd-lstm; --quick (one
-warm-up step, then one window of one step per measure: a smoke test, not a measurement) about
-1.5 minutes. Twice as long when another process is using the cores.
+half of it awd-lstm; --quick (one warm-up step, then one window of one step per measure: a
+smoke test, not a measurement) about 1.5 minutes. Twice as long when another process is using
+the cores.
 """
 
 from __future__ import annotations
