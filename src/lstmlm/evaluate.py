@@ -24,19 +24,19 @@ def evaluate(model: LSTMLM, data: torch.Tensor, bptt: int) -> tuple[float, int]:
     model.eval()
     hidden = model.init_hidden(data.size(1))
     total, tokens = 0.0, 0
-    features, targets = [], []
+    features, targets, waiting = [], [], 0
     window_rows = bptt * data.size(1)
     for i in range(0, data.size(0) - 1, bptt):
         inputs, window_targets = get_batch(data, i, bptt)
         x, _, hidden = model.features(inputs, hidden)
         features.append(x.reshape(-1, x.size(-1)))
         targets.append(window_targets)
-        waiting = sum(t.numel() for t in targets)
+        waiting += window_targets.numel()
         if i + bptt >= data.size(0) - 1 or waiting + window_rows > CHUNK_ROWS:
             loss = model.output_loss(torch.cat(features), torch.cat(targets))
             total += loss.item() * waiting
             tokens += waiting
-            features, targets = [], []
+            features, targets, waiting = [], [], 0
     return total / tokens, tokens
 
 
