@@ -7,7 +7,8 @@ import torch
 import torch.nn.functional as F
 
 from lstmlm.config import Config
-from lstmlm.fused import linear_cross_entropy
+from lstmlm import fused
+from lstmlm.fused import linear_cross_entropy, target_log_probs
 from lstmlm.model import LSTMLM
 
 ROWS, IN, VOCAB = 24, 16, 50
@@ -88,6 +89,21 @@ def test_no_grad_computes_the_loss_only():
     loss = linear_cross_entropy(*plain, targets, chunk_rows=5)
     assert loss.grad_fn is None
     torch.testing.assert_close(loss, expected, **TOL)
+
+
+# a word per tile, tiles that do not divide 50 words, that do, one tile, one larger than the vocabulary
+@pytest.mark.parametrize("tile", [1, 7, 10, 50, 64])
+@pytest.mark.parametrize("chunk", [5, 24])
+@pytest.mark.parametrize("bias", [True, False])
+def test_target_log_probs_over_tiles_of_the_vocabulary(monkeypatch, tile, chunk, bias):
+    """Evaluation's path: the log-sum-exp of each tile of words, combined, gives each row's
+    target log-probability."""
+    monkeypatch.setattr(fused, "VOCAB_TILE", tile)
+    x, weight, b, targets = (t.detach() if t is not None else None for t in inputs(bias))
+    expected = torch.log_softmax(F.linear(x, weight, b).double(), 1)
+    expected = expected.gather(1, targets.unsqueeze(1)).squeeze(1)
+    got = target_log_probs(x, weight, b, targets, chunk_rows=chunk)
+    torch.testing.assert_close(got.double(), expected, **TOL)
 
 
 def test_target_probabilities_that_underflow_keep_their_exact_log():
