@@ -11,11 +11,16 @@ alternative lstmlm chose not to use, at lstm-baseline's size (700 rows, 400 -> 3
 - a chunk's softmax: along the vocabulary of (vocabulary, rows) logits against along the rows
   of (rows, vocabulary) ones, padded to 16 floats (what lstmlm.fused uses), and log_softmax +
   exp (what it used to compute);
+- a tile's log-sum-exp (evaluation's loss, lstmlm.fused.target_log_probs), 700 rows x 512
+  words: torch.logsumexp against reading it off the tile's log_softmax;
 - a dropout mask for a 2048 x 512 weight: bernoulli_ (and F.dropout) against uniforms >= p
   (lstmlm.regularizers.keep_mask);
-- and, for scale, two matrix-product-bound pieces: the decoder's forward product into either
-  layout of the chunk, and the forward pass of an nn.LSTM(1150, 1150) over 70 time steps at
-  batch 10 (AWD-LSTM's validation batch) and batch 80 (its training batch), with GFLOP/s.
+- and, for scale, matrix-product-bound pieces with their GFLOP/s: the decoder's forward product
+  into either layout of the chunk; evaluation's loss of the chunk, its softmax in memory
+  against `target_log_probs`'s tiles; the forward pass of an nn.LSTM(1150, 1150) over 70 time
+  steps at batch 10 (AWD-LSTM's validation batch) and batch 80 (its training batch); and a
+  memory copy, in GB/s read + written, the bound of a product whose weights stream from memory
+  for few rows (at batch 10, the LSTM reads its 21 MB recurrent matrix at every time step).
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import time
 import torch
 import torch.nn.functional as F
 
+from lstmlm.fused import target_log_probs
 from lstmlm.regularizers import keep_mask
 
 ROWS, HIDDEN, VOCAB, EMBEDDING = 700, 400, 33278, 380
@@ -73,6 +79,17 @@ def softmax_cases() -> dict:
             lambda: torch.softmax(rows_major, 1, out=rows_major)}
 
 
+def tile_cases() -> dict:
+    tile, log_softmax, out = torch.randn(ROWS, 512), torch.empty(ROWS, 512), torch.empty(ROWS)
+
+    def read_off_log_softmax():
+        torch.log_softmax(tile, 1, out=log_softmax)
+        torch.sub(tile[:, 0], log_softmax[:, 0], out=out)
+
+    return {"torch.logsumexp": lambda: torch.logsumexp(tile, 1, out=out),
+            "logit - log_softmax (lstmlm.fused)": read_off_log_softmax}
+
+
 def mask_cases() -> dict:
     weight = torch.randn(4 * 512, 512)
     return {"bernoulli_ mask": lambda: torch.empty_like(weight).bernoulli_(0.7),
@@ -81,16 +98,29 @@ def mask_cases() -> dict:
 
 
 def product_cases() -> dict:
-    """name -> (function, FLOPs)"""
+    """name -> (function, FLOPs or bytes moved, unit)"""
     weight, bias, x = torch.randn(VOCAB, HIDDEN), torch.randn(VOCAB), torch.randn(ROWS, HIDDEN)
+    targets = torch.randint(VOCAB, (ROWS,))
     vocab_major = torch.empty(VOCAB, -(-ROWS // 16) * 16)[:, :ROWS]
-    rows_major = torch.empty(ROWS, -(-VOCAB // 16) * 16)[:, :VOCAB]
+    padded = torch.empty(ROWS, -(-VOCAB // 16) * 16)
+    rows_major = padded[:, :VOCAB]
     decoder_flops = 2 * ROWS * HIDDEN * VOCAB
+
+    def softmax_in_memory():
+        torch.addmm(bias, x, weight.t(), out=rows_major)
+        padded[:, VOCAB:] = -torch.inf
+        torch.softmax(padded, 1, out=padded)
+        return -rows_major[torch.arange(ROWS), targets].log().mean()
+
     cases = {"decoder product into (vocabulary, rows)": (
                  lambda: torch.addmm(bias.unsqueeze(1), weight, x.t(), out=vocab_major),
-                 decoder_flops),
+                 decoder_flops, "GFLOP/s"),
              "decoder product into (rows, padded vocabulary)": (
-                 lambda: torch.addmm(bias, x, weight.t(), out=rows_major), decoder_flops)}
+                 lambda: torch.addmm(bias, x, weight.t(), out=rows_major), decoder_flops, "GFLOP/s"),
+             "evaluation loss, softmax of the chunk in memory": (
+                 softmax_in_memory, decoder_flops, "GFLOP/s"),
+             "evaluation loss, target_log_probs (in tiles)": (
+                 lambda: target_log_probs(x, weight, bias, targets), decoder_flops, "GFLOP/s")}
     lstm = torch.nn.LSTM(1150, 1150)
     for batch in (10, 80):
         tokens = torch.randn(70, batch, 1150)
@@ -100,7 +130,9 @@ def product_cases() -> dict:
                 lstm(tokens)
 
         cases[f"nn.LSTM(1150, 1150) forward, 70 x {batch} tokens"] = (
-            forward, 2 * 4 * 2300 * 1150 * 70 * batch)
+            forward, 2 * 4 * 2300 * 1150 * 70 * batch, "GFLOP/s")
+    source, destination = torch.randn(64 * 2**20), torch.empty(64 * 2**20)  # 256 MB each
+    cases["copy of 256 MB"] = (lambda: destination.copy_(source), 2 * source.nbytes, "GB/s")
     return cases
 
 
@@ -116,8 +148,10 @@ def main(argv=None) -> None:
     products = product_cases()
     for title, cases in (("optimizer step, 26M parameters", optimizer_cases()),
                          (f"softmax of a {ROWS}-row chunk", softmax_cases()),
+                         (f"log-sum-exp of a {ROWS} x 512 tile", tile_cases()),
                          ("dropout mask, 2048 x 512", mask_cases()),
-                         ("matrix products", {k: fn for k, (fn, _) in products.items()})):
+                         ("matrix products and memory",
+                          {k: fn for k, (fn, _, _) in products.items()})):
         times = {name: [] for name in cases}
         for fn in cases.values():
             fn()  # warm-up
@@ -127,7 +161,10 @@ def main(argv=None) -> None:
         print(f"\n{title}:")
         for name, ts in times.items():
             ms = statistics.median(ts)
-            rate = f"  {products[name][1] / ms / 1e6:6.1f} GFLOP/s" if name in products else ""
+            rate = ""
+            if name in products:
+                _, amount, unit = products[name]
+                rate = f"  {amount / ms / 1e6:6.1f} {unit}"
             print(f"  {name:<52} {ms:8.2f} ms{rate}")
 
 
