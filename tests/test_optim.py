@@ -1,6 +1,38 @@
+import pytest
 import torch
 
-from lstmlm.optim import WeightAverage, nonmono_triggered
+from lstmlm.optim import WeightAverage, clip_grad_norm, nonmono_triggered
+
+
+def model_with_gradients(seed=0):
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3, bias=False))
+    generator = torch.Generator().manual_seed(seed)
+    for p in model.parameters():
+        p.grad = torch.randn(p.shape, generator=generator)
+    model[0].bias.grad = None  # a parameter without a gradient is left out, as by torch
+    return model
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped; within bounds
+def test_clip_grad_norm_equals_torchs(max_norm):
+    ours, theirs = model_with_gradients(), model_with_gradients()
+    norm = clip_grad_norm(ours.parameters(), max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(theirs.parameters(), max_norm)
+    assert norm == pytest.approx(expected.item(), rel=1e-6)
+    for p, q in zip(ours.parameters(), theirs.parameters(), strict=True):
+        assert (p.grad is None) == (q.grad is None)
+        if p.grad is not None:
+            torch.testing.assert_close(p.grad, q.grad, rtol=1e-6, atol=0)
+
+
+def test_clip_grad_norm_leaves_gradients_within_bounds_untouched():
+    model = model_with_gradients()
+    versions = [p.grad._version for p in model.parameters() if p.grad is not None]
+    clip_grad_norm(model.parameters(), 1e6)
+    assert [p.grad._version for p in model.parameters() if p.grad is not None] == versions
+    clip_grad_norm(model.parameters(), 0.5)
+    assert all(p.grad._version > v for p, v in
+               zip([p for p in model.parameters() if p.grad is not None], versions))
 
 
 def test_nonmono_trigger_on_a_scripted_sequence():

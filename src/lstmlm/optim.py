@@ -15,6 +15,18 @@ import torch
 from .config import Config
 
 
+def clip_grad_norm(parameters, max_norm: float) -> float:
+    """The gradients' global norm, rescaling them to `max_norm` where it is larger, as
+    `torch.nn.utils.clip_grad_norm_` does; but when nothing needs clipping it skips that
+    function's multiply-by-1 pass over every gradient."""
+    params = [p for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+    value = norm.item()
+    if value + 1e-6 > max_norm:  # clip_grad_norm_'s factor max_norm / (norm + 1e-6) is < 1
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return value
+
+
 def make_optimizer(cfg: Config, model: torch.nn.Module) -> torch.optim.Optimizer:
     params = list(model.parameters())
     # The fused kernels do a parameter's whole update (weight decay, momentum, Adam's moments)

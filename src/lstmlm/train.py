@@ -37,7 +37,7 @@ from .errors import LstmlmError
 from .evaluate import evaluate, perplexity
 from .fileio import atomic_write
 from .model import LSTMLM, Hidden, count_parameters, detach
-from .optim import WeightAverage, make_optimizer, nonmono_triggered
+from .optim import WeightAverage, clip_grad_norm, make_optimizer, nonmono_triggered
 
 # Fields a resumed run may change: its budget. Anything else would make it another run.
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "eval_minutes",
@@ -426,7 +426,7 @@ class Trainer:
             raise _NonFinite(f"the training loss became {total_value}")
         if cfg.clip > 0:
             self.scaler.unscale_(self.optimizer)
-            norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip).item()
+            norm = clip_grad_norm(model.parameters(), cfg.clip)
             # Under fp16 an overflow only means the loss scale was too high: the scaler skips
             # the step and lowers it. Anywhere else it is a real problem: roll back.
             if not math.isfinite(norm) and not self.scaler.is_enabled():
