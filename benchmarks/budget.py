@@ -4,6 +4,10 @@ training time on this machine, then report the best validation and the test perp
 
     LSTMLM_DATA=../shared/data python benchmarks/budget.py --preset awd-lstm-cpu --minutes 60
     python benchmarks/budget.py --preset lstm-baseline --minutes 60 --set batch_size=40 --json
+    python benchmarks/budget.py --preset wt2-cpu-hour --minutes 60 --cache
+
+With --cache the best weights are also scored on the test split with the neural cache pointer
+at its default settings (batch size 1, as `lstmlm evaluate RUN --split test --cache`).
 
 The run directory (default: a temporary one, removed afterwards) is an ordinary lstmlm run, so
 with --out it can be evaluated, sampled or resumed later. The budget is lstmlm's `max_minutes`:
@@ -20,9 +24,22 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lstmlm.cache import cache_evaluate
+from lstmlm.checkpoint import load_run
 from lstmlm.config import load_preset, parse_assignment
+from lstmlm.data import batchify, find_split_files, read_lines
+from lstmlm.datasets import resolve_data
 from lstmlm.errors import LstmlmError
+from lstmlm.evaluate import perplexity
 from lstmlm.train import run_training
+
+
+def cache_test_ppl(run_dir: Path) -> float:
+    """Test perplexity of the run's best weights with the cache pointer, default settings."""
+    cfg, vocab, model = load_run(run_dir)
+    ids, _ = vocab.encode(read_lines(find_split_files(resolve_data(cfg.data))["test"]))
+    loss, _ = cache_evaluate(model, batchify(ids, 1), cfg.bptt)
+    return perplexity(loss)
 
 
 def main() -> None:
@@ -33,6 +50,8 @@ def main() -> None:
     parser.add_argument("--out", help="keep the run directory here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
+    parser.add_argument("--cache", action="store_true",
+                        help="also report the test perplexity with the cache pointer")
     args = parser.parse_args()
     cfg = load_preset(args.preset)
     overrides = dict(parse_assignment(a) for a in args.set)
@@ -40,15 +59,18 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(args.out) if args.out else Path(tmp) / "run"
         results = run_training(cfg, out=out, overrides=overrides, quiet=args.json)
-    summary = {"preset": args.preset, "minutes": args.minutes, "cpus": os.cpu_count(),
-               **{k: results[k] for k in ("epochs", "steps", "train_tokens_per_s",
-                                          "best_valid_ppl", "test_ppl", "parameters")}}
+        summary = {"preset": args.preset, "minutes": args.minutes, "cpus": os.cpu_count(),
+                   **{k: results[k] for k in ("epochs", "steps", "train_tokens_per_s",
+                                              "best_valid_ppl", "test_ppl", "parameters")}}
+        if args.cache:
+            summary["test_ppl_cache"] = cache_test_ppl(out)
     if args.json:
         print(json.dumps(summary))
     else:
         print(f"{args.preset} on {args.data}, {args.minutes:g} minutes, {os.cpu_count()} CPUs: "
               f"{summary['epochs']} epochs, {summary['train_tokens_per_s']:,.0f} tokens/s | "
-              f"best valid ppl {summary['best_valid_ppl']:.2f} | test ppl {summary['test_ppl']:.2f}")
+              f"best valid ppl {summary['best_valid_ppl']:.2f} | test ppl {summary['test_ppl']:.2f}"
+              + (f" | with the cache {summary['test_ppl_cache']:.2f}" if args.cache else ""))
 
 
 if __name__ == "__main__":

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 TINY = ["embedding_size=16", "hidden_size=16", "batch_size=4", "bptt=8", "valid_batch_size=2"]
 
@@ -70,7 +72,7 @@ def test_ranks_json(tiny_corpus, tmp_path):
 
 def test_budget_json(tiny_corpus, tmp_path):
     command = [sys.executable, str(SCRIPT.with_name("budget.py")), "--preset", "lstm-baseline",
-               "--minutes", "0.02", "--data", str(tiny_corpus), "--json",
+               "--minutes", "0.02", "--data", str(tiny_corpus), "--json", "--cache",
                "--out", str(tmp_path / "run")]
     for assignment in TINY:
         command += ["--set", assignment]
@@ -82,6 +84,11 @@ def test_budget_json(tiny_corpus, tmp_path):
     assert result["test_ppl"] > 1 and result["best_valid_ppl"] > 1
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["stop_reason"] == "max_minutes" and saved["test_ppl"] == result["test_ppl"]
+    evaluated = subprocess.run([sys.executable, "-m", "lstmlm", "evaluate", str(tmp_path / "run"),
+                                "--split", "test", "--cache", "--json"],
+                               capture_output=True, text=True, env=env, timeout=300)
+    assert evaluated.returncode == 0, evaluated.stderr
+    assert result["test_ppl_cache"] == pytest.approx(json.loads(evaluated.stdout)["ppl"])
 
 
 def test_budget_bad_preset_is_one_line(tmp_path):
