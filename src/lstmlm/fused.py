@@ -139,8 +139,8 @@ def target_log_probs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor |
     cache; the row's is the log-sum-exp of its tiles'. Neither the (rows x vocabulary)
     logits nor their softmax go to memory, and the log-probabilities are exact however
     small. A tile's log-sum-exp is read off its log-softmax (logit - log-softmax, of its
-    first word): torch's log-softmax kernel runs about three times as fast as its logsumexp
-    (benchmarks/kernels.py). Off the CPU the whole vocabulary is one tile: a GPU would spend
+    first word): torch's log-softmax kernel ran 1.8-3 x as fast as its logsumexp in
+    benchmarks/kernels.py. Off the CPU the whole vocabulary is one tile: a GPU would spend
     its time launching the small tiles' kernels.
     """
     n, vocab = x.size(0), weight.size(0)
