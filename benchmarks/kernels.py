@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""The pieces of a training step that are not the big matrix products, each against the
-alternative lstmlm chose not to use, at lstm-baseline's size (700 rows, 400 -> 33,278 words,
-26M parameters). Medians of interleaved repetitions, in one process:
+"""The pieces of a training or evaluation step that are not the big matrix products, each
+against the alternative lstmlm chose not to use, at lstm-baseline's size (700 rows, 400 ->
+33,278 words, 26M parameters). Medians of interleaved repetitions, in one process:
 
     python benchmarks/kernels.py
     python benchmarks/kernels.py --reps 3 --threads 1      # quicker

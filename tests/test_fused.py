@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lstmlm.config import Config
 from lstmlm import fused
+from lstmlm.config import Config
 from lstmlm.fused import linear_cross_entropy, target_log_probs
 from lstmlm.model import LSTMLM
 
@@ -91,7 +91,8 @@ def test_no_grad_computes_the_loss_only():
     torch.testing.assert_close(loss, expected, **TOL)
 
 
-# a word per tile, tiles that do not divide 50 words, that do, one tile, one larger than the vocabulary
+# a word per tile, tiles that do not divide 50 words, that do, one tile, one larger than the
+# vocabulary
 @pytest.mark.parametrize("tile", [1, 7, 10, 50, 64])
 @pytest.mark.parametrize("chunk", [5, 24])
 @pytest.mark.parametrize("bias", [True, False])

@@ -15,8 +15,8 @@ pass), so the FLOPs stay 3 x the forward decoder's.
 The gradients are computed in the forward pass whenever autograd will want them, so a loss
 that is then never back-propagated has paid for them; under `torch.no_grad()`, or with no
 input requiring a gradient, only the loss is computed, by `target_log_probs`, which needs no
-softmax in memory. A double backward is not supported
-(training never needs the gradient of a gradient): a backward with create_graph=True raises.
+softmax in memory. A double backward is not supported (training never needs the gradient of
+a gradient): a backward with create_graph=True raises.
 """
 
 from __future__ import annotations
