@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from lstmlm.config import Config
@@ -127,3 +128,20 @@ def test_ar_tar_penalty_only_when_training():
     assert penalty.item() > 0
     _, penalty, _ = model.eval().loss(*args, model.init_hidden(2))
     assert penalty.item() == 0
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_target_log_probs_are_the_log_softmax_of_the_outputs(softmax):
+    """Per-token scores (the cache pointer's) agree with the model's own outputs, for both
+    decoders: log_softmax of the logits (the adaptive softmax's are log-probabilities)."""
+    torch.manual_seed(0)
+    model = LSTMLM(small(softmax=softmax, adaptive_cutoffs="10,20", tie_weights=False),
+                   vocab_size=30).eval()
+    tokens, targets = torch.randint(0, 30, (7, 3)), torch.randint(0, 30, (7, 3))
+    with torch.no_grad():
+        logits, _ = model(tokens, model.init_hidden(3))
+        x, _, _ = model.features(tokens, model.init_hidden(3))
+    expected = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    got = model.target_log_probs(x, targets)
+    assert got.shape == targets.shape
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)

@@ -58,7 +58,7 @@ def target_log_probs(model: LSTMLM, data: torch.Tensor, bptt: int, window: int,
         inputs, targets = get_batch(data, i, bptt)
         targets = targets.view_as(inputs)  # (T, batch)
         _, h, hidden = model.features(inputs, hidden)
-        lp = torch.log_softmax(model.decoder(h), -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+        lp = model.target_log_probs(h, targets)
         keys = h if past_h is None else torch.cat([past_h, h])
         values = targets if past_y is None else torch.cat([past_y, targets])
         steps, m = inputs.size(0), keys.size(0) - inputs.size(0)

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from . import fused
 from .config import Config
-from .fused import linear_cross_entropy
 from .regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout,
                            locked_dropout)
 from .softmax import AdaptiveSoftmax
@@ -114,7 +114,22 @@ class LSTMLM(nn.Module):
         if torch.is_autocast_enabled(x.device.type):  # autocast's low-precision decoder
             return F.cross_entropy(self.decoder(x), targets)
         # the same loss, never holding the (tokens x vocabulary) logits (fused.py)
-        return linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets)
+        return fused.linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets)
+
+    @torch.no_grad()
+    def target_log_probs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) for features x (..., output size) and targets of x's leading shape,
+        without gradients: per-token scores, from the same decoder paths as `output_loss`."""
+        flat, flat_targets = x.reshape(-1, x.size(-1)), targets.reshape(-1)
+        if isinstance(self.decoder, AdaptiveSoftmax):
+            log_probs = self.decoder.target_log_probs(flat, flat_targets)
+        elif torch.is_autocast_enabled(x.device.type):
+            logits = self.decoder(flat).float()
+            log_probs = torch.log_softmax(logits, -1).gather(1, flat_targets.unsqueeze(1))
+        else:
+            log_probs = fused.target_log_probs(flat, self.decoder.weight, self.decoder.bias,
+                                               flat_targets)
+        return log_probs.view(targets.shape)
 
 
 def detach(hidden: Hidden) -> Hidden:

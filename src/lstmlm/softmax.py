@@ -93,7 +93,11 @@ class AdaptiveSoftmax(nn.Module):
         return torch.cat(parts, -1)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean negative log-likelihood of `targets` (N,) given features (N, in_size), computing
+        """Mean negative log-likelihood of `targets` (N,) given features (N, in_size)."""
+        return -self.target_log_probs(x, targets).mean()
+
+    def target_log_probs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """log p(target) for each of `targets` (N,) given features (N, in_size), computing
         each tail only for the rows whose target is in it. Every tail runs, on zero rows if
         need be, so every parameter is in the graph (DistributedDataParallel expects that)."""
         head = self.head(x)
@@ -107,4 +111,4 @@ class AdaptiveSoftmax(nn.Module):
             rows = member.nonzero().squeeze(1)
             within = self.tail(k, x[rows]).gather(1, (targets[rows] - lo).unsqueeze(1))
             in_tails = in_tails.index_add(0, rows, within.squeeze(1))
-        return -(head.gather(1, index.unsqueeze(1)).squeeze(1) + in_tails).mean()
+        return head.gather(1, index.unsqueeze(1)).squeeze(1) + in_tails
