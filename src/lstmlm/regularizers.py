@@ -11,8 +11,8 @@ import torch
 def keep_mask(shape: tuple[int, ...], p: float, like: torch.Tensor,
               generator: torch.Generator | None = None) -> torch.Tensor:
     """1/(1-p) with probability 1-p, else 0, of like's dtype and device. Drawn as float32
-    uniforms compared with p (on CPU 3x faster than bernoulli_, which F.dropout uses; half
-    precision uniforms would be too coarse for the comparison)."""
+    uniforms compared with p (on CPU about twice as fast as bernoulli_, which F.dropout uses,
+    in benchmarks/kernels.py; half precision uniforms would be too coarse for the comparison)."""
     mask = torch.rand(shape, generator=generator, device=like.device)
     return mask.ge_(p).to(like.dtype).div_(1 - p)
 
