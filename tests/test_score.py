@@ -1,5 +1,6 @@
 """Scoring lines (`LanguageModel.score`, `lstmlm score`) and the API's batched prompts."""
 
+import copy
 import io
 import json
 import math
@@ -9,8 +10,10 @@ import pytest
 import torch
 
 from lstmlm.cli import main
+from lstmlm.config import Config
 from lstmlm.data import EOS
 from lstmlm.errors import LstmlmError
+from lstmlm.model import LSTMLM
 
 LINES = ["the cat sat on the mat", "a dog ate my bone", "", "some birds sang in trees"]
 
@@ -49,6 +52,26 @@ def test_continue_state_reads_the_lines_as_one_text(lm):
     assert results[1]["logprob"] != pytest.approx(lm.score(LINES)[1]["logprob"])
     tokens = sum(r["tokens"] for r in results)
     assert lm.perplexity("\n".join(LINES)) == pytest.approx(math.exp(-total / tokens), rel=1e-5)
+
+
+def test_a_text_longer_than_a_chunk(lm):
+    """Texts are read 1,024 tokens at a time: the prediction of each chunk's first token comes
+    from the previous chunk's last output."""
+    words = ("the cat sat on the mat and a dog ate my bone " * 95).split()  # 1,140 + <eos>
+    (r,) = lm.score([" ".join(words)])
+    assert r["tokens"] == 1141
+    assert r["logprob"] == pytest.approx(logprob_by_hand(lm, [" ".join(words)]), rel=1e-5)
+
+
+def test_scores_under_the_adaptive_softmax(lm):
+    """With the adaptive softmax the scores are its exact log-probabilities (head and tails)."""
+    adaptive = copy.copy(lm)
+    torch.manual_seed(0)
+    cfg = Config(embedding_size=8, hidden_size=12, num_layers=2, softmax="adaptive",
+                 adaptive_cutoffs="5,12", tie_weights=False)
+    adaptive.model = LSTMLM(cfg, len(lm.vocab)).eval()
+    for line, r in zip(LINES, adaptive.score(LINES)):
+        assert r["logprob"] == pytest.approx(logprob_by_hand(adaptive, [line]), rel=1e-5)
 
 
 def test_per_token(lm):

@@ -67,16 +67,16 @@ class LanguageModel:
             raise LstmlmError("score takes a list of texts; for one text pass [text]")
         model = self.model.eval()
         eos = torch.tensor([[self.vocab.eos_id]], device=model.embedding.weight.device)
-        fresh_logits, fresh_hidden = model(eos, model.init_hidden(1))
-        logits, hidden = fresh_logits[-1], fresh_hidden
+        fresh_features, _, fresh_hidden = model.features(eos, model.init_hidden(1))
+        features, hidden = fresh_features[-1], fresh_hidden
         results = []
         for text in texts:
             words = [w for line in split_lines(text) for w in line.split() + [EOS]]
             ids = torch.tensor([self.vocab.index.get(w, self.vocab.unk_id) for w in words],
                                device=eos.device)
-            log_probs, next_logits, next_hidden = self._read(ids, logits, hidden)
+            log_probs, next_features, next_hidden = self._read(ids, features, hidden)
             if continue_state:
-                logits, hidden = next_logits, next_hidden
+                features, hidden = next_features, next_hidden
             logprob = log_probs.double().sum().item()
             result = {"text": text, "logprob": logprob, "tokens": len(words),
                       "ppl": perplexity(-logprob / len(words))}
@@ -86,18 +86,19 @@ class LanguageModel:
             results.append(result)
         return results
 
-    def _read(self, ids: torch.Tensor, logits: torch.Tensor, hidden, chunk: int = 1024):
-        """Log-probabilities of `ids` given the next-token `logits` (1, vocab) and state
-        `hidden`, then the logits and state after reading them; in chunks, so that a long text
-        never holds more than `chunk` x vocab logits."""
+    def _read(self, ids: torch.Tensor, features: torch.Tensor, hidden, chunk: int = 1024):
+        """Log-probabilities of `ids` given the last layer's output `features` (1, size) that
+        predicts the first of them and the state `hidden`, then the features and state after
+        reading them. In chunks of `chunk` tokens, each scored by the model's
+        `target_log_probs`, which never holds the chunk's logits."""
         log_probs = []
         for start in range(0, len(ids), chunk):
             x = ids[start: start + chunk]
-            out, hidden = self.model(x.unsqueeze(1), hidden)
-            predicted = torch.cat([logits, out[:-1, 0]])
-            log_probs.append(torch.log_softmax(predicted, -1).gather(1, x.unsqueeze(1)).squeeze(1))
-            logits = out[-1:, 0]
-        return torch.cat(log_probs), logits, hidden
+            out, _, hidden = self.model.features(x.unsqueeze(1), hidden)
+            predicting = torch.cat([features, out[:-1, 0]])
+            log_probs.append(self.model.target_log_probs(predicting, x))
+            features = out[-1:, 0]
+        return torch.cat(log_probs), features, hidden
 
     def perplexity(self, text: str) -> float:
         """Perplexity of `text` (an `<eos>` after each line), starting from a fresh state
