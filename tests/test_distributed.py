@@ -115,9 +115,14 @@ def children(pid: int) -> list[int]:
     return kids
 
 
-def rank_of(pid: int) -> int:
-    environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
-    return int(next(v for v in environ if v.startswith(b"RANK=")).split(b"=")[1])
+def rank_of(pid: int) -> int | None:
+    """The RANK a worker was started with; None for a process that has gone or is no worker."""
+    try:
+        environ = open(f"/proc/{pid}/environ", "rb").read().split(b"\0")
+    except OSError:
+        return None
+    ranks = [int(v.split(b"=")[1]) for v in environ if v.startswith(b"RANK=")]
+    return ranks[0] if ranks else None
 
 
 def test_a_signal_to_one_rank_stops_all_and_resume_finishes(tiny_corpus, tmp_path):
