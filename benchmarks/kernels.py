@@ -20,7 +20,9 @@ against the alternative lstmlm chose not to use, at lstm-baseline's size (700 ro
   against `target_log_probs`'s tiles; the forward pass of an nn.LSTM(1150, 1150) over 70 time
   steps at batch 10 (AWD-LSTM's validation batch) and batch 80 (its training batch); and a
   memory copy, in GB/s read + written, the bound of a product whose weights stream from memory
-  for few rows (at batch 10, the LSTM reads its 21 MB recurrent matrix at every time step).
+  for few rows (at batch 10, the LSTM reads its 21 MB recurrent matrix at every time step);
+  and how fast 8, 16, 21 and 32 MB are read again and again: how much of such a matrix the L3
+  cache keeps.
 """
 
 from __future__ import annotations
@@ -133,6 +135,10 @@ def product_cases() -> dict:
             forward, 2 * 4 * 2300 * 1150 * 70 * batch, "GFLOP/s")
     source, destination = torch.randn(64 * 2**20), torch.empty(64 * 2**20)  # 256 MB each
     cases["copy of 256 MB"] = (lambda: destination.copy_(source), 2 * source.nbytes, "GB/s")
+    for mb in (8, 16, 21, 32):  # read 10 times in a row: from the cache, where it fits
+        buffer = source[: mb * 2**18]
+        cases[f"10 reads of {mb} MB (sum)"] = (
+            lambda buffer=buffer: [buffer.sum() for _ in range(10)], 10 * buffer.nbytes, "GB/s")
     return cases
 
 
