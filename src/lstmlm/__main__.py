@@ -1,5 +1,15 @@
+import os
 import sys
 
 from .cli import main
 
-sys.exit(main())
+code = main()
+if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+    # A data-parallel rank that gets here has done its work and left its process group. Skip
+    # the interpreter's teardown: there gloo's I/O threads can, rarely, abort the process
+    # ("terminate called without an active exception"), and torchrun would report a finished
+    # run as failed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+sys.exit(code)
