@@ -109,9 +109,9 @@ def barrier(group: Group) -> None:
 
 def leave(group: Group) -> None:
     """Wait for every rank, then shut the process group down, so that no rank tears its
-    connections down at exit while another is still writing the checkpoint. (A rank stopped
-    by a signal can still, rarely, abort at exit in gloo's teardown: "terminate called without
-    an active exception", after the checkpoint is written.)"""
+    connections down at exit while another is still writing the checkpoint. (A rank can still,
+    rarely, abort at exit in gloo's teardown: "terminate called without an active exception",
+    after its work is done; `python -m lstmlm` skips that teardown, __main__.py.)"""
     if group.active and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
