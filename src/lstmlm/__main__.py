@@ -2,9 +2,10 @@ import os
 import sys
 
 from .cli import main
+from .distributed import launched_world_size
 
 code = main()
-if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+if launched_world_size() > 1:
     # A data-parallel rank that gets here has done its work and left its process group. Skip
     # the interpreter's teardown: there gloo's I/O threads can, rarely, abort the process
     # ("terminate called without an active exception"), and torchrun would report a finished

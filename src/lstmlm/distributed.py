@@ -43,10 +43,15 @@ class Group:
         return self.world_size > 1
 
 
+def launched_world_size() -> int:
+    """How many processes torchrun started for this run (1 without torchrun)."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def join(device: torch.device) -> tuple[Group, torch.device]:
     """Join the process group torchrun describes in the environment (nccl on CUDA, gloo on
     CPU); each rank of a node gets its own GPU. Without torchrun: one process, as given."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    world_size = launched_world_size()
     if world_size == 1:
         return Group(), device
     if device.type == "cuda":
