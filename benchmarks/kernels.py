@@ -13,7 +13,7 @@ against the alternative lstmlm chose not to use, at lstm-baseline's size (700 ro
   exp (what it used to compute);
 - a tile's log-sum-exp (evaluation's loss, lstmlm.fused.target_log_probs), 700 rows x 512
   words: torch.logsumexp against reading it off the tile's log_softmax;
-- a dropout mask for a 2048 x 512 weight: bernoulli_ (and F.dropout) against uniforms >= p
+- a dropout mask for a 2048 x 512 weight: bernoulli_ (and F.dropout) against 16-bit random integers >= p
   (lstmlm.regularizers.keep_mask);
 - and, for scale, matrix-product-bound pieces with their GFLOP/s: the decoder's forward product
   into either layout of the chunk; evaluation's loss of the chunk, its softmax in memory
@@ -96,7 +96,7 @@ def mask_cases() -> dict:
     weight = torch.randn(4 * 512, 512)
     return {"bernoulli_ mask": lambda: torch.empty_like(weight).bernoulli_(0.7),
             "F.dropout": lambda: F.dropout(weight, 0.3, True),
-            "keep_mask (uniforms >= p)": lambda: keep_mask(weight.shape, 0.3, weight)}
+            "keep_mask (16-bit integers >= p)": lambda: keep_mask(weight.shape, 0.3, weight)}
 
 
 def product_cases() -> dict:

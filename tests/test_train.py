@@ -319,7 +319,7 @@ def test_finetune_writes_its_own_run(corpus, tmp_path):
     base = tmp_path / "base"
     run_training(tiny(corpus, **AWD, epochs=1, eval_interval=4), out=base, quiet=True)
     before = {p.name: p.read_bytes() for p in base.iterdir()}
-    results = run_finetune(base, overrides={"epochs": 30, "lr": 30.0}, quiet=True)
+    results = run_finetune(base, overrides={"epochs": 30, "lr": 10.0}, quiet=True)
     out = tmp_path / "base-finetune"
     assert {p.name: p.read_bytes() for p in base.iterdir()} == before  # base untouched
     assert results["stop_reason"] == "converged"

@@ -5,16 +5,24 @@ All of them are identity functions (or zero) when not training, so evaluation is
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 
 def keep_mask(shape: tuple[int, ...], p: float, like: torch.Tensor,
               generator: torch.Generator | None = None) -> torch.Tensor:
-    """1/(1-p) with probability 1-p, else 0, of like's dtype and device. Drawn as float32
-    uniforms compared with p (on CPU about twice as fast as bernoulli_, which F.dropout uses,
-    in benchmarks/kernels.py; half precision uniforms would be too coarse for the comparison)."""
-    mask = torch.rand(shape, generator=generator, device=like.device)
-    return mask.ge_(p).to(like.dtype).div_(1 - p)
+    """1/(1-p) with probability 1-p, else 0, of like's dtype and device.
+
+    Drawn as random 16-bit integers, four from each 64-bit draw, kept when at or above p's
+    place in their range (so p is rounded to a multiple of 1/65536). On CPU that is about
+    twice as fast as comparing float uniforms with p, and four times bernoulli_, which
+    F.dropout uses (benchmarks/kernels.py)."""
+    count = math.prod(shape)
+    bits = torch.empty((count + 3) // 4, dtype=torch.int64, device=like.device)
+    bits.random_(-2**63, 2**63 - 1, generator=generator)
+    words = bits.view(torch.int16)[:count].view(shape)
+    return words.ge(round(p * 65536) - 32768).to(like.dtype).div_(1 - p)
 
 
 def dropout(x: torch.Tensor, p: float, training: bool,
