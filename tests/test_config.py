@@ -61,6 +61,8 @@ def test_missing_equals():
     ({"optimizer": "rmsprop"}, "optimizer must be"),
     ({"hidden_size": "400"}, "hidden_size must be int"),
     ({"lr": True}, "lr must be float"),
+    ({"average_from": 1.0}, r"average_from must be in \[0, 1\)"),
+    ({"average_from": 0.8, "ntasgd": True}, "set only one"),
     ({"colour": 1}, "unknown config key"),
 ])
 def test_impossible_configs(values, message):

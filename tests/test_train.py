@@ -360,6 +360,33 @@ def test_ntasgd_average_on_scripted_validation_losses(corpus, tmp_path, monkeypa
     assert torch.allclose(tensors["avg.decoder.bias"], expected, atol=1e-6)
 
 
+def test_average_from_averages_the_last_part_of_the_run_with_adam(corpus, tmp_path, monkeypatch):
+    """average_from=0.75 of 16 steps: the weights after steps 13-16 are averaged, and that
+    average is what the run validates and saves as its best weights."""
+    from lstmlm.train import Trainer
+
+    snapshots = []
+    step_optimizer = Trainer.step_optimizer
+
+    def record(self, seq_len):
+        step_optimizer(self, seq_len)
+        snapshots.append(self.model.decoder.bias.detach().clone())
+
+    monkeypatch.setattr(Trainer, "step_optimizer", record)
+    cfg = tiny(corpus, optimizer="adam", lr=0.01, average_from=0.75, max_steps=16, epochs=100,
+               eval_interval=8, lr_schedule="cosine")
+    results = run_training(cfg, out=tmp_path / "run", quiet=True)
+    assert results["averaging_since_step"] == 12 and results["steps"] == 16
+    expected = torch.stack(snapshots[12:]).mean(0)
+    tensors, meta = ckpt.read_tensors(tmp_path / "run" / ckpt.STATE)
+    assert int(meta["avg_count"]) == 4
+    assert torch.allclose(tensors["avg.decoder.bias"], expected, atol=1e-6)
+    assert not torch.allclose(expected, snapshots[-1], atol=1e-6)  # the average is not the last
+    assert metrics(tmp_path / "run")[-1]["best"]  # the average validated best: it is the model
+    best = ckpt.read_tensors(tmp_path / "run" / ckpt.WEIGHTS)[0]["decoder.bias"]
+    assert torch.allclose(best, expected, atol=1e-6)
+
+
 def test_gradient_clipping_bounds_the_global_norm(corpus, tmp_path):
     from lstmlm.data import load_corpus
     from lstmlm.train import Trainer

@@ -80,6 +80,9 @@ class Config:
     ntasgd: bool = _f(False, "switch from SGD to averaged SGD when validation stops improving")
     nonmono: int = _f(5, "NT-ASGD: checks a new loss must beat (non-monotone interval)")
     finetune: bool = _f(False, "averaged SGD from the start, stop when it stops improving")
+    average_from: float = _f(0.0, "average the weights from this fraction of the run on (0: "
+                             "never; 0.8: over its last fifth): validation, the saved model and "
+                             "the test use the average")
     # schedule and budget
     epochs: int = _f(40, "passes over the training split")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
@@ -156,6 +159,11 @@ class Config:
              f"embedding_size ({self.embedding_size}); set last_hidden_size={self.embedding_size}")
         need(not (self.ntasgd or self.finetune) or self.optimizer == "sgd",
              "ntasgd and finetune average SGD iterates; set optimizer=sgd")
+        need(0 <= self.average_from < 1,
+             f"average_from must be in [0, 1) (a fraction of the run), got {self.average_from}")
+        need(not (self.average_from and (self.ntasgd or self.finetune)),
+             "average_from and ntasgd/finetune each decide when to average the weights; "
+             "set only one")
         need(self.lr_decay >= 1, f"lr_decay must be >= 1 (1: never decay), got {self.lr_decay}")
         need(self.lr_schedule in ("plateau", "cosine"),
              f"lr_schedule must be plateau or cosine, got {self.lr_schedule!r}")

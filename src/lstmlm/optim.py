@@ -1,4 +1,5 @@
-"""Optimizers: SGD/Adam/AdamW, and NT-ASGD's pieces (the trigger and the weight average).
+"""Optimizers: SGD/Adam/AdamW, and NT-ASGD's pieces (the trigger and the weight average, which
+`average_from` also uses with any optimizer).
 
 NT-ASGD (Merity et al. 2017) trains with plain SGD until validation stops improving, then
 keeps training with the same SGD steps while averaging the weights; the average is what gets
@@ -60,7 +61,7 @@ class WeightAverage:
     def update(self) -> None:
         self.count += 1
         for name, p in self.params.items():
-            self.mean[name].add_(p - self.mean[name], alpha=1.0 / self.count)
+            self.mean[name].lerp_(p, 1.0 / self.count)
 
     @contextmanager
     def swapped_in(self):

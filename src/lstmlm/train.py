@@ -70,7 +70,7 @@ class TrainState:
     window_loss: float = 0.0  # sum of training losses since the last scheduled validation
     window_steps: int = 0
     valid_history: list = dataclasses.field(default_factory=list)  # scheduled checks' losses
-    averaging_since: int = -1  # NT-ASGD: step at which weight averaging began (-1: not yet)
+    averaging_since: int = -1  # step at which weight averaging began (-1: not yet)
     converged: bool = False  # fine-tuning: the non-monotone trigger fired
     nan_rollbacks: int = 0  # rollbacks after non-finite numbers (each lowered the lr)
 
@@ -141,7 +141,7 @@ class Trainer:
 
     def best_weights(self):
         """Context in which the model holds the weights to validate and save: the average
-        under NT-ASGD, else the current ones."""
+        once averaging has begun (NT-ASGD, fine-tuning, average_from), else the current ones."""
         return self.average.swapped_in() if self.average else contextlib.nullcontext()
 
     # ---- state on disk --------------------------------------------------------------------
@@ -483,6 +483,10 @@ class Trainer:
             bar.reset()
             bar.set_description(f"epoch {st.epoch + 1}")
         self.tick()
+        if cfg.average_from and self.average is None and self.progress() >= cfg.average_from:
+            self.start_averaging()
+            self.log(f"step {st.step}: {cfg.average_from:.0%} of the run done, averaging the "
+                     f"weights from here on")
         due = st.step % cfg.eval_interval == 0 if cfg.eval_interval else end_of_epoch
         due = due or bool(cfg.eval_minutes and
                           st.seconds - st.validated_seconds >= cfg.eval_minutes * 60)
