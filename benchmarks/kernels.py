@@ -13,8 +13,11 @@ against the alternative lstmlm chose not to use, at lstm-baseline's size (700 ro
   exp (what it used to compute);
 - a tile's log-sum-exp (evaluation's loss, lstmlm.fused.target_log_probs), 700 rows x 512
   words: torch.logsumexp against reading it off the tile's log_softmax;
-- a dropout mask for a 2048 x 512 weight: bernoulli_ (and F.dropout) against 16-bit random integers >= p
-  (lstmlm.regularizers.keep_mask);
+- a dropout mask for a 2048 x 512 weight: bernoulli_ (and F.dropout) against 16-bit random
+  integers >= p (lstmlm.regularizers.keep_mask);
+- the gradient of an embedding whose rows are also the adaptive softmax's word matrices
+  (wt2-cpu-hour: 33,278 x 256, head 2,000 words, tails 8,000 and 23,278): the matrices as one
+  slice per cluster against one split (lstmlm.softmax.AdaptiveSoftmax.word_weights);
 - and, for scale, matrix-product-bound pieces with their GFLOP/s: the decoder's forward product
   into either layout of the chunk; evaluation's loss of the chunk, its softmax in memory
   against `target_log_probs`'s tiles; the forward pass of an nn.LSTM(1150, 1150) over 70 time
@@ -99,6 +102,27 @@ def mask_cases() -> dict:
             "keep_mask (16-bit integers >= p)": lambda: keep_mask(weight.shape, 0.3, weight)}
 
 
+def tied_gradient_cases() -> dict:
+    """Forward + backward of an embedding lookup of 700 tokens and the three word matrices'
+    products, on as many rows as WikiText-2's words in each cluster get."""
+    bounds, dim = [0, 2000, 10000, VOCAB], 256
+    weight = torch.nn.Parameter(torch.randn(VOCAB, dim) * 0.1)
+    tokens = torch.randint(VOCAB, (ROWS,))
+    features = [torch.randn(rows, dim) for rows in (ROWS, 90, 40)]
+
+    def backward(matrices):
+        total = F.embedding(tokens, weight).sum()
+        for x, matrix in zip(features, matrices):
+            total = total + F.linear(x, matrix).sum()
+        weight.grad = None
+        total.backward()
+
+    return {"one slice per cluster": lambda: backward(
+                [weight[lo:hi] for lo, hi in zip(bounds, bounds[1:])]),
+            "one split": lambda: backward(
+                weight.split([hi - lo for lo, hi in zip(bounds, bounds[1:])]))}
+
+
 def product_cases() -> dict:
     """name -> (function, FLOPs or bytes moved, unit)"""
     weight, bias, x = torch.randn(VOCAB, HIDDEN), torch.randn(VOCAB), torch.randn(ROWS, HIDDEN)
@@ -156,6 +180,7 @@ def main(argv=None) -> None:
                          (f"softmax of a {ROWS}-row chunk", softmax_cases()),
                          (f"log-sum-exp of a {ROWS} x 512 tile", tile_cases()),
                          ("dropout mask, 2048 x 512", mask_cases()),
+                         ("tied embedding's gradient, 33,278 x 256", tied_gradient_cases()),
                          ("matrix products and memory",
                           {k: fn for k, (fn, _, _) in products.items()})):
         times = {name: [] for name in cases}

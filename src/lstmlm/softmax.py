@@ -70,22 +70,22 @@ class AdaptiveSoftmax(nn.Module):
         The tied ones come from one `split` of the embedding, whose backward writes their
         gradients into one embedding-sized tensor; a slice per cluster would cost a zero-filled
         embedding-sized gradient each (about 5 % of `wt2-cpu-hour`'s step)."""
-        if not any(self.tied):
-            return list(self.words.values())
         sizes = [hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])]
-        rows = self.embedding_weight.split(sizes)
+        rows = self.embedding_weight.split(sizes) if any(self.tied) else None
         return [rows[k] if tied else self.words[str(k)] for k, tied in enumerate(self.tied)]
 
-    def head(self, x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of the head words, then of each tail cluster: (..., c1 + tails)."""
-        words = F.linear(x, words, self.bias[: self.bounds[1]])
+    def head(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the head words (`matrix`'s), then of each tail cluster:
+        (..., c1 + tails)."""
+        words = F.linear(x, matrix, self.bias[: self.bounds[1]])
         clusters = F.linear(x, self.clusters, self.cluster_bias)
         return torch.log_softmax(torch.cat([words, clusters], -1), -1)
 
-    def tail(self, k: int, x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities within tail cluster k (>= 1) of its words: (..., its size)."""
+    def tail(self, k: int, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities within tail cluster k (>= 1) of its words (`matrix`'s): (..., its
+        size)."""
         lo, hi = self.bounds[k], self.bounds[k + 1]
-        logits = F.linear(F.linear(x, self.projections[k - 1]), words, self.bias[lo:hi])
+        logits = F.linear(F.linear(x, self.projections[k - 1]), matrix, self.bias[lo:hi])
         return torch.log_softmax(logits, -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
