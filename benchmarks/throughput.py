@@ -7,6 +7,7 @@ Run it from the repository root, with lstmlm installed (`pip install -e .`):
     python benchmarks/throughput.py --quick                          # smoke test, a few steps
     python benchmarks/throughput.py --preset awd-lstm-cpu --json     # one JSON object
     python benchmarks/throughput.py --preset awd-lstm --weight-drop-cost
+    python benchmarks/throughput.py --preset wt2-cpu-hour --against ../before/src
     python benchmarks/throughput.py --preset lstm-baseline --threads 1 --set batch_size=64
 
 For each preset (default lstm-baseline, awd-lstm, awd-lstm-cpu; on WikiText-2, found like
@@ -41,7 +42,9 @@ long-lived worker subprocess (this script, re-invoked with a hidden flag). The p
 them over pipes one window at a time, alternating lstmlm, plain, tuned plain, GEMM, lstmlm, ...
 so that noise from other processes on the machine hits all alike; each figure is the median
 over --windows windows, after --warmup steps. `--weight-drop-cost` adds a fourth worker, lstmlm
-with weight_drop=0, to the rotation of the presets that use weight drop.
+with weight_drop=0, to the rotation of the presets that use weight drop; `--against SRC` one
+that imports lstmlm from SRC (another checkout's src/ directory), which compares the training
+step of two versions of the code in one run.
 
 Window sizes are picked per preset from a FLOP budget (a training window is about 150 GFLOP:
 2 steps of lstm-baseline, 1 step of awd-lstm-cpu or awd-lstm); --steps and --warmup override
@@ -282,7 +285,11 @@ class Worker:
     def __init__(self, name: str, kind: str, cfg: Config, threads: int | None,
                  env: dict | None = None):
         self.name = name
-        spec = {"kind": kind, "config": cfg.to_dict(), "threads": threads}
+        # Only what differs from the defaults, which a worker importing another version of
+        # lstmlm (--against) reads as well, as long as that version knows the keys.
+        defaults = Config().to_dict()
+        changed = {k: v for k, v in cfg.to_dict().items() if v != defaults[k]}
+        spec = {"kind": kind, "config": changed, "threads": threads}
         self.process = subprocess.Popen(
             [sys.executable, os.path.abspath(__file__), "--_worker", json.dumps(spec)],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -346,6 +353,9 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
     if args.weight_drop_cost and cfg.weight_drop > 0:
         no_drop = Config.from_dict({**cfg.to_dict(), "weight_drop": 0.0})
         workers["no_weight_drop"] = Worker("no_weight_drop", "lstmlm", no_drop, args.threads)
+    if args.against:
+        workers["against"] = Worker("against", "lstmlm", cfg, args.threads,
+                                    {"PYTHONPATH": str(args.against)})
     try:
         info = {key: w.read() for key, w in workers.items()}
         flops = info["lstmlm"]["forward_flops_per_token"]
@@ -427,6 +437,10 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
         result.update({"weight_drop": cfg.weight_drop,
                        "no_weight_drop_train_tokens_per_s": no_drop_rate,
                        "weight_drop_ratio": train_rate / no_drop_rate})
+    if "against" in train:
+        against_rate = rate(train["against"])
+        result.update({"against": str(args.against), "against_train_tokens_per_s": against_rate,
+                       "ratio_to_against": train_rate / against_rate})
     return result
 
 
@@ -465,6 +479,11 @@ def print_table(results: list[dict]) -> None:
                   f"{r['train_tokens_per_s']:.0f}, weight_drop=0 "
                   f"{r['no_weight_drop_train_tokens_per_s']:.0f}, "
                   f"ratio {r['weight_drop_ratio']:.3f}")
+    for r in results:
+        if "against" in r:
+            print(f"\n{r['preset']}: training tokens/s {r['train_tokens_per_s']:.0f}, with lstmlm "
+                  f"from {r['against']} {r['against_train_tokens_per_s']:.0f} (interleaved), "
+                  f"ratio {r['ratio_to_against']:.3f}")
 
 
 def parse_args(argv=None):
@@ -485,6 +504,9 @@ def parse_args(argv=None):
                                                  "2048 with --quick)")
     p.add_argument("--weight-drop-cost", action="store_true",
                    help="also time training with weight_drop=0, for presets that use weight drop")
+    p.add_argument("--against", type=Path, metavar="SRC",
+                   help="also time the training step with lstmlm imported from SRC (another "
+                        "checkout's src/), interleaved, and give the ratio")
     p.add_argument("--json", action="store_true", help="print one JSON object (needs one preset)")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 warm-up step, then 1 window of 1 step and 1 evaluation "
@@ -500,6 +522,11 @@ def parse_args(argv=None):
     if any(n is not None and n < 1 for n in (args.windows, args.steps, args.threads,
                                               args.gemm_size)) or (args.warmup or 0) < 0:
         p.error("--windows, --steps, --threads and --gemm-size must be positive")
+    if args.against:
+        if not (args.against / "lstmlm" / "__init__.py").is_file():
+            p.error(f"--against {args.against}: no lstmlm package there; give the src/ "
+                    f"directory of another checkout of lstmlm")
+        args.against = args.against.resolve()
     if args.windows is None:
         args.windows = 1 if args.quick else 5
     if args.gemm_size is None:

@@ -33,6 +33,33 @@ def test_throughput_quick_json(tiny_corpus, tmp_path):
     assert result["forward_flops_per_token"] == result["plain_forward_flops_per_token"]
 
 
+def test_throughput_against_another_source_tree(tiny_corpus, tmp_path):
+    """--against SRC times a worker that imports lstmlm from SRC: here a copy of this tree
+    whose package leaves a mark when imported."""
+    import shutil
+
+    other = tmp_path / "other" / "src"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "src" / "lstmlm", other / "lstmlm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    mark = tmp_path / "imported"
+    with open(other / "lstmlm" / "__init__.py", "a") as f:
+        f.write(f"\nopen({str(mark)!r}, 'w').close()\n")
+    command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline", "--json",
+               "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256"]
+    for assignment in TINY:
+        command += ["--set", assignment]
+    env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
+    done = subprocess.run(command + ["--against", str(other)], capture_output=True, text=True,
+                          env=env, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)
+    assert mark.exists() and result["against"] == str(other.resolve())
+    assert result["against_train_tokens_per_s"] > 0 and result["ratio_to_against"] > 0
+    done = subprocess.run(command + ["--against", str(tmp_path)], capture_output=True,
+                          text=True, env=env, timeout=60)
+    assert done.returncode == 2 and "no lstmlm package there" in done.stderr
+
+
 def test_throughput_table(capsys):
     import importlib.util
 
