@@ -331,14 +331,10 @@ def test_finetune_writes_its_own_run(corpus, tmp_path):
     assert first < json.loads((base / ckpt.RESULTS).read_text())["best_valid_loss"] * 1.5
 
 
-def test_ntasgd_average_on_scripted_validation_losses(corpus, tmp_path, monkeypatch):
-    """Validation losses are scripted so the trigger fires at a known check; the saved average
-    must equal the hand-computed mean of the weights after every step since the switch."""
-    from lstmlm import train as train_module
+def decoder_bias_after_each_step(monkeypatch) -> list[torch.Tensor]:
+    """The decoder's bias after every optimizer step of the runs that follow."""
     from lstmlm.train import Trainer
 
-    scripted = iter([5.0, 4.0, 4.5, 4.2, 3.9, 4.1, 4.3, 4.4])
-    monkeypatch.setattr(train_module, "evaluate", lambda *args: (next(scripted, 4.0), 1))
     snapshots = []
     step_optimizer = Trainer.step_optimizer
 
@@ -347,6 +343,17 @@ def test_ntasgd_average_on_scripted_validation_losses(corpus, tmp_path, monkeypa
         snapshots.append(self.model.decoder.bias.detach().clone())
 
     monkeypatch.setattr(Trainer, "step_optimizer", record)
+    return snapshots
+
+
+def test_ntasgd_average_on_scripted_validation_losses(corpus, tmp_path, monkeypatch):
+    """Validation losses are scripted so the trigger fires at a known check; the saved average
+    must equal the hand-computed mean of the weights after every step since the switch."""
+    from lstmlm import train as train_module
+
+    scripted = iter([5.0, 4.0, 4.5, 4.2, 3.9, 4.1, 4.3, 4.4])
+    monkeypatch.setattr(train_module, "evaluate", lambda *args: (next(scripted, 4.0), 1))
+    snapshots = decoder_bias_after_each_step(monkeypatch)
     cfg = tiny(corpus, ntasgd=True, nonmono=2, eval_interval=2, max_steps=16, lr_decay=1.0,
                dropout_output=0.3)
     results = run_training(cfg, out=tmp_path / "run", quiet=True)
@@ -363,16 +370,7 @@ def test_ntasgd_average_on_scripted_validation_losses(corpus, tmp_path, monkeypa
 def test_average_from_averages_the_last_part_of_the_run_with_adam(corpus, tmp_path, monkeypatch):
     """average_from=0.75 of 16 steps: the weights after steps 13-16 are averaged, and that
     average is what the run validates and saves as its best weights."""
-    from lstmlm.train import Trainer
-
-    snapshots = []
-    step_optimizer = Trainer.step_optimizer
-
-    def record(self, seq_len):
-        step_optimizer(self, seq_len)
-        snapshots.append(self.model.decoder.bias.detach().clone())
-
-    monkeypatch.setattr(Trainer, "step_optimizer", record)
+    snapshots = decoder_bias_after_each_step(monkeypatch)
     cfg = tiny(corpus, optimizer="adam", lr=0.01, average_from=0.75, max_steps=16, epochs=100,
                eval_interval=8, lr_schedule="cosine")
     results = run_training(cfg, out=tmp_path / "run", quiet=True)
