@@ -145,3 +145,22 @@ def test_target_log_probs_are_the_log_softmax_of_the_outputs(softmax):
     got = model.target_log_probs(x, targets)
     assert got.shape == targets.shape
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_bf16_autocast_on_a_cpu_without_bf16_lstm_runs_the_lstm_in_fp32(monkeypatch):
+    monkeypatch.setattr("lstmlm.model.CPU_BF16_LSTM", False)
+    torch.manual_seed(0)
+    model = LSTMLM(small(weight_drop=0.3), vocab_size=20)
+    tokens = torch.randint(20, (5, 3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = model.run_layer(0, model.embedding(tokens), model.init_hidden(3)[0])
+        loss = model.loss(tokens, tokens.flatten(), model.init_hidden(3))[0]
+    assert out.dtype == torch.float32
+    with torch.no_grad():  # the same numbers as the layer without autocast
+        model.eval()
+        expected, _ = model.run_layer(0, model.embedding(tokens), model.init_hidden(3)[0])
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            got, _ = model.run_layer(0, model.embedding(tokens), model.init_hidden(3)[0])
+    assert torch.equal(got, expected)
+    loss.backward()
+    assert torch.isfinite(loss) and model.layers[0].weight_hh_l0.grad.dtype == torch.float32

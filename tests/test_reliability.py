@@ -292,8 +292,10 @@ def test_absurd_lr_gives_up_after_max_nan_retries(tiny_corpus, tmp_path, capsys,
     assert "training diverged: the training loss became" in line
     assert "2 rollback(s)" in line and "lr now 2.5e+07" in line and "--max-nan-retries" in line
     # The last good checkpoint (the one rolled back to) is intact and finite.
+    # (it may have been saved after a rollback, at a lowered lr: how far each lr gets before it
+    # overflows depends on the CPU's kernels)
     state, groups = state_meta(run)
-    assert state["step"] % 5 == 0 and groups[0]["lr"] == 1e8
+    assert state["step"] % 5 == 0 and groups[0]["lr"] in (1e8, 5e7, 2.5e7)
     assert all_finite(run / ckpt.STATE) and all_finite(run / ckpt.WEIGHTS)
     ckpt.load_run(run)
 

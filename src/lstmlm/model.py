@@ -17,6 +17,10 @@ from .softmax import AdaptiveSoftmax
 # (h, c) for each layer, each of shape (1, batch, layer size)
 Hidden = list[tuple[torch.Tensor, torch.Tensor]]
 
+# oneDNN, which runs torch's CPU LSTM under bf16 autocast, has no bf16 LSTM on CPUs without
+# AVX-512 (it fails to build the kernel); there the LSTM runs in fp32 and the rest in bf16.
+CPU_BF16_LSTM = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
 
 class LSTMLM(nn.Module):
     """Word-level LSTM language model.
@@ -69,6 +73,9 @@ class LSTMLM(nn.Module):
 
     def run_layer(self, i: int, x: torch.Tensor, state):
         layer = self.layers[i]
+        if x.device.type == "cpu" and torch.is_autocast_enabled("cpu") and not CPU_BF16_LSTM:
+            with torch.autocast("cpu", enabled=False):  # this CPU's LSTM kernels are fp32 only
+                return self.run_layer(i, x.float(), state)
         if self.training and self.cfg.weight_drop > 0:
             dropped = drop_connect(layer.weight_hh_l0, self.cfg.weight_drop, True)
             return functional_call(layer, {"weight_hh_l0": dropped}, (x, state))
