@@ -17,8 +17,8 @@ from .softmax import AdaptiveSoftmax
 # (h, c) for each layer, each of shape (1, batch, layer size)
 Hidden = list[tuple[torch.Tensor, torch.Tensor]]
 
-# oneDNN, which runs torch's CPU LSTM under bf16 autocast, has no bf16 LSTM on CPUs without
-# AVX-512 (it fails to build the kernel); there the LSTM runs in fp32 and the rest in bf16.
+# oneDNN, which runs torch's CPU LSTM under bf16 autocast, has no bf16 LSTM on some CPUs
+# (AVX2-only ones: it fails to build the kernel); there the LSTM runs in fp32, the rest in bf16.
 CPU_BF16_LSTM = torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
