@@ -29,9 +29,8 @@ def write_toml(path: Path, values: dict) -> Path:
 
 
 @pytest.fixture
-def plan(tmp_path, monkeypatch):
+def plan(tmp_path):
     """A plan of three tiny runs: a baseline (the reference), AWD techniques, a wider model."""
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
     write_toml(tmp_path / "tiny.toml", TINY)
     write_toml(tmp_path / "tiny-awd.toml", {**TINY, **AWD})
     path = tmp_path / "plan.toml"

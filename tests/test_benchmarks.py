@@ -118,7 +118,7 @@ def test_budget_json(tiny_corpus, tmp_path):
     assert result["test_ppl_cache"] == pytest.approx(json.loads(evaluated.stdout)["ppl"])
 
 
-def test_budget_bad_preset_is_one_line(tmp_path):
+def test_budget_bad_preset_is_one_line():
     done = subprocess.run([sys.executable, str(SCRIPT.with_name("budget.py")), "--preset",
                            "no-such-preset"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1

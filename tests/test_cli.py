@@ -29,7 +29,6 @@ GOOD_SPLITS = {"train": "a b c d\ne f a b\n" * 10, "valid": "a b c\n" * 5, "test
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
     """No cache in the home directory, and no default `runs/` beside the tests."""
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
 
 

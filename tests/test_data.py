@@ -16,8 +16,7 @@ def write_corpus(directory, train, valid, test, names=("train.txt", "valid.txt",
     ("wikitext-2", (2_088_628, 217_646, 245_569), 33_278),
     ("ptb", (929_589, 73_760, 82_430), 10_000),
 ])
-def test_real_corpus_counts(shared_data, name, counts, vocab_size, monkeypatch, tmp_path):
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path))
+def test_real_corpus_counts(shared_data, name, counts, vocab_size, monkeypatch):
     directory = shared_data / name
     if not directory.is_dir():
         pytest.fail(f"{directory} missing")
@@ -50,8 +49,7 @@ def test_wiki_token_file_names_and_crlf(tmp_path):
     assert corpus.vocab.decode(corpus.train.tolist()) == ["x", "y", EOS, "z", EOS]
 
 
-def test_cache_is_keyed_by_content(tmp_path, monkeypatch):
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+def test_cache_is_keyed_by_content(tmp_path):
     d = write_corpus(tmp_path / "c", "a b\n", "a\n", "b\n")
     first = load_corpus(d)
     (d / "train.txt").write_text("a b c\n")
@@ -60,8 +58,7 @@ def test_cache_is_keyed_by_content(tmp_path, monkeypatch):
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
 
 
-def test_damaged_cache_is_rebuilt(tmp_path, monkeypatch):
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+def test_damaged_cache_is_rebuilt(tmp_path):
     d = write_corpus(tmp_path / "c", "a b\n", "a\n", "b\n")
     load_corpus(d)
     (cache_file,) = (tmp_path / "cache" / "tokenized").iterdir()

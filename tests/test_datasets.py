@@ -97,7 +97,6 @@ def dead_url():
 
 @pytest.fixture(autouse=True)
 def env(tmp_path, monkeypatch):
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("LSTMLM_DATA", str(tmp_path / "data"))
     monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
 

@@ -73,8 +73,7 @@ def two_threads():
 
 
 @pytest.mark.parametrize("name", PRESETS)
-def test_every_preset_trains(name, wikitext_slice, tmp_path, monkeypatch, two_threads):
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
+def test_every_preset_trains(name, wikitext_slice, tmp_path, two_threads):
     cfg = load_preset(name)
     # Full-size model; small batches so the slice suffices, and evaluation batched (a batch of
     # one reads every weight once per token: minutes at this size on a CPU).

@@ -37,7 +37,6 @@ KILLED = dict(SMALL, epochs=2, eval_interval=25, checkpoint_minutes=0.002, seed=
 
 @pytest.fixture(autouse=True)
 def isolated(monkeypatch, tmp_path):
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
 
 

@@ -13,11 +13,10 @@ from lstmlm.report import COLUMNS, collect_row, describe, techniques
 
 
 @pytest.fixture
-def two_runs(tiny_run, tiny_corpus, tmp_path, monkeypatch):
+def two_runs(tiny_run, tiny_corpus, tmp_path):
     """The session's one-epoch tiny run, and a wider one stopped by a step budget."""
     from lstmlm.train import run_training
 
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
     cfg = Config(data=str(tiny_corpus), embedding_size=16, hidden_size=24, num_layers=1,
                  batch_size=4, bptt=8, valid_batch_size=2, test_batch_size=2, lr=1.0,
                  max_steps=20, eval_interval=5)

@@ -19,9 +19,8 @@ SENTENCES = ["the cat sat on the mat", "a dog ran to the red house",
 
 
 @pytest.fixture
-def corpus(tmp_path, monkeypatch):
+def corpus(tmp_path):
     """A small, perfectly learnable corpus: the same four sentences over and over."""
-    monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
     d = tmp_path / "corpus"
     d.mkdir()
     for split, repeats in (("train", 30), ("valid", 3), ("test", 3)):
