@@ -330,6 +330,31 @@ def test_finetune_writes_its_own_run(corpus, tmp_path):
     assert first < json.loads((base / ckpt.RESULTS).read_text())["best_valid_loss"] * 1.5
 
 
+def test_finetune_that_crashed_before_its_first_check_resumes_from_the_base(corpus, tmp_path,
+                                                                           monkeypatch):
+    from lstmlm.train import Trainer, run_finetune
+
+    base = tmp_path / "base"
+    run_training(tiny(corpus, **AWD, epochs=1, eval_interval=4), out=base, quiet=True)
+    finetune = {"epochs": 30, "lr": 10.0}
+    straight = run_finetune(base, tmp_path / "straight", finetune, quiet=True)
+
+    def crash(self, bar):
+        raise OSError("the machine went down")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "advance", crash)
+        with pytest.raises(OSError):
+            run_finetune(base, tmp_path / "crashed", finetune, quiet=True)
+    resumed = run_training(resume=tmp_path / "crashed", quiet=True)
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
+    assert resumed["steps"] == straight["steps"]
+    # Without its step-0 checkpoint the starting weights are gone: refuse, do not start anew.
+    (tmp_path / "crashed" / ckpt.STATE).unlink()
+    with pytest.raises(ckpt.RunDirError, match="run `lstmlm finetune` on the base run again"):
+        run_training(resume=tmp_path / "crashed", quiet=True)
+
+
 def decoder_bias_after_each_step(monkeypatch) -> list[torch.Tensor]:
     """The decoder's bias after every optimizer step of the runs that follow."""
     from lstmlm.train import Trainer

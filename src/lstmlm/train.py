@@ -633,10 +633,15 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
         raise ConfigError(
             f"cannot change {', '.join(frozen)} when resuming; only the budget "
             f"({', '.join(RESUMABLE_OVERRIDES)}) can change")
+    has_state = (run_dir / ckpt.STATE).is_file()
+    if cfg.finetune and not has_state:
+        raise ckpt.RunDirError(
+            f"{run_dir} is a fine-tuning run without a checkpoint, so its starting weights are "
+            f"lost; remove it and run `lstmlm finetune` on the base run again")
     cfg.update(overrides)
     corpus = _corpus_of(run_dir, cfg, vocab_size)
     trainer = Trainer(cfg, corpus, run_dir, quiet=quiet)
-    if (run_dir / ckpt.STATE).is_file():
+    if has_state:
         trainer.load_state()
     else:  # stopped before its first checkpoint: nothing was lost but the time
         trainer.log(f"{run_dir} has no {ckpt.STATE} yet (stopped before its first checkpoint): "
@@ -662,4 +667,5 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     trainer.start_averaging()
     if trainer.group.is_main:
         ckpt.create_run_dir(out, cfg, corpus.vocab)
+    trainer.save_state()  # step 0: a resume starts from the base weights, not from a new model
     return _train(trainer, corpus)
