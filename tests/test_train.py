@@ -330,6 +330,20 @@ def test_finetune_writes_its_own_run(corpus, tmp_path):
     assert first < json.loads((base / ckpt.RESULTS).read_text())["best_valid_loss"] * 1.5
 
 
+def test_finetune_of_an_adam_run_asks_for_sgd_and_averages_from_its_first_step(corpus, tmp_path):
+    from lstmlm.train import run_finetune
+
+    base = tmp_path / "base"
+    run_training(tiny(corpus, optimizer="adam", lr=0.01, average_from=0.5, max_steps=10), out=base,
+                 quiet=True)
+    with pytest.raises(ConfigError, match="trained with adam.*pass --set optimizer=sgd"):
+        run_finetune(base, quiet=True)
+    results = run_finetune(base, overrides={"optimizer": "sgd", "lr": 1.0}, quiet=True)
+    cfg, _ = ckpt.read_run_config(tmp_path / "base-finetune")
+    assert cfg.optimizer == "sgd" and cfg.average_from == 0 and cfg.finetune
+    assert results["averaging_since_step"] == 0
+
+
 def test_finetune_that_crashed_before_its_first_check_resumes_from_the_base(corpus, tmp_path,
                                                                            monkeypatch):
     from lstmlm.train import Trainer, run_finetune

@@ -658,7 +658,13 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     The base run is only read."""
     run_dir = Path(run_dir)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
-    cfg.update({"finetune": True, "ntasgd": True, **(overrides or {})})
+    overrides = overrides or {}
+    if overrides.get("optimizer", cfg.optimizer) != "sgd":
+        raise ConfigError(
+            f"{run_dir} was trained with {cfg.optimizer}, and fine-tuning averages SGD steps: "
+            f"pass --set optimizer=sgd and an SGD --lr (awd-lstm's is 30)")
+    # Fine-tuning averages from its first step, which replaces any `average_from` of the base.
+    cfg.update({"finetune": True, "ntasgd": True, "average_from": 0.0, **overrides})
     out = Path(out) if out else run_dir.with_name(run_dir.name + "-finetune")
     corpus = _corpus_of(run_dir, cfg, vocab_size)
     trainer = Trainer(cfg, corpus, out, quiet=quiet)
