@@ -139,11 +139,51 @@ def test_interrupted_plan_resumes_where_it_stopped(plan, tiny_corpus, tmp_path, 
     rows = read_csv(out / "results.csv")
     assert [(r["status"], r["steps"]) for r in rows] == [("budget", "12")] * 3
 
-    # Rerun with other settings: the finished runs are neither retrained nor mixed in.
-    code, _, stderr = ablate(capsys, plan, tiny_corpus, out, "--set", "dropout_output=0.5")
-    assert code == 0 and "holds a run with other settings (dropout_output)" in stderr
-    assert [r["status"] for r in read_csv(out / "results.csv")] == ["failed"] * 3
+    # Rerun with other settings or another budget: refused before anything trains, so the
+    # finished runs are neither retrained nor compared with runs of other settings.
+    for extra, changed in ((["--set", "dropout_output=0.5"], "dropout_output"),
+                           (["--max-steps", "16"], "max_steps")):
+        code, _, stderr = ablate(capsys, plan, tiny_corpus, out, *extra)
+        assert code == 1 and stderr.count("\n") == 1
+        assert f"holds a run with other settings ({changed})" in stderr
+    assert [r["status"] for r in read_csv(out / "results.csv")] == ["budget"] * 3
     assert (first.read_bytes(), first.stat().st_mtime_ns) == before
+
+
+def test_a_run_stopped_before_its_first_checkpoint_starts_again(plan, tiny_corpus, tmp_path,
+                                                                capsys, monkeypatch):
+    from lstmlm.train import Trainer
+
+    advance = Trainer.advance
+
+    def second_ctrl_c_at_step_2_of_awd(self, bar):  # its first checkpoint would be at step 4
+        if self.run_dir.name == "awd" and self.state.step == 2:
+            raise KeyboardInterrupt
+        advance(self, bar)
+
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "advance", second_ctrl_c_at_step_2_of_awd)
+        code, _, stderr = ablate(capsys, plan, tiny_corpus, out)
+    assert code == 0 and "interrupted during awd" in stderr
+    assert (out / "awd" / ckpt.CONFIG).exists() and not (out / "awd" / ckpt.STATE).exists()
+    code, _, stderr = ablate(capsys, plan, tiny_corpus, out)
+    assert code == 0 and "awd: starting" in stderr, stderr
+    assert [(r["status"], r["steps"]) for r in read_csv(out / "results.csv")] == (
+        [("budget", "12")] * 3)
+    assert steps(out / "awd") == [4, 8, 12]
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--max-steps", "-5"], "max_steps must be >= 0"),
+    (["--dropout-output", "2"], "dropout_output must be in [0, 1)"),
+    (["--data", "no-such-corpus"], "--data no-such-corpus: no such directory"),
+])
+def test_a_bad_shared_option_stops_the_plan_before_it_starts(plan, tiny_corpus, tmp_path,
+                                                             capsys, option, message):
+    code, _, stderr = ablate(capsys, plan, tiny_corpus, tmp_path / "out", *option)
+    assert code == 1 and stderr.count("\n") == 1 and message in stderr
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_failing_run_is_recorded_and_the_plan_goes_on(plan, tiny_corpus, tmp_path, capsys):
@@ -214,6 +254,7 @@ def test_shipped_plans():
     ('[[run]]\npreset = "lstm-baseline"\n[[run]]\npreset = "lstm-baseline"\n', "two runs"),
     ('reference = "awd-lstm"\n[[run]]\npreset = "lstm-baseline"\n', "reference 'awd-lstm'"),
     ('[[run]]\npreset = "lstm-baseline"\nname = "../x"\n', "plain directory name"),
+    ('[[run]]\npreset = "lstm-baseline"\nname = "results.md"\n', "taken by the report"),
 ])
 def test_bad_plans_are_one_line_errors(tmp_path, capsys, text, message):
     path = tmp_path / "plan.toml"

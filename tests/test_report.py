@@ -9,7 +9,7 @@ import pytest
 from lstmlm import checkpoint as ckpt
 from lstmlm.cli import main
 from lstmlm.config import Config, load_preset
-from lstmlm.report import COLUMNS, collect_row, describe, techniques
+from lstmlm.report import COLUMNS, collect_row, describe, report, techniques
 
 
 @pytest.fixture
@@ -89,6 +89,28 @@ def test_not_a_run_directory_is_a_one_line_error(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("lstmlm: error: ") and "not an lstmlm run directory" in err
     assert err.count("\n") == 1
+
+
+def test_an_out_that_is_a_file_is_a_one_line_error(two_runs, tmp_path, capsys):
+    (tmp_path / "file").write_text("kept")
+    assert main(["report", *map(str, two_runs), "--out", str(tmp_path / "file")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("lstmlm: error: cannot create the folder ") and err.count("\n") == 1
+    assert (tmp_path / "file").read_text() == "kept"
+
+
+def test_markdown_cells_escape_a_bar_and_a_reference_without_test_ppl(two_runs, tmp_path):
+    tiny_run, wide = two_runs
+    odd, unfinished = tmp_path / "a|b", tmp_path / "unfinished"
+    shutil.copytree(wide, odd)
+    shutil.copytree(wide, unfinished)
+    (unfinished / ckpt.RESULTS).unlink()
+    markdown, _ = report([unfinished, odd], tmp_path / "report")
+    rows = [line for line in markdown.splitlines() if line.startswith("| ")][1:]
+    assert rows[0].startswith("| unfinished |") and "| – (ref) |" in rows[0]
+    assert rows[1].startswith("| a\\|b |")
+    header_cells = markdown.splitlines()[4].count(" | ")
+    assert all(row.replace("\\|", "").count(" | ") == header_cells for row in rows)
 
 
 def test_techniques_follow_the_config():

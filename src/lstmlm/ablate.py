@@ -13,10 +13,11 @@ an optional `name` (default the preset's) and optional `set = {key = value}` ove
 
 Each run is an ordinary run directory OUT/NAME, so the command can simply be rerun after a
 Ctrl-C or a crash: finished runs (results.json) are skipped, interrupted ones resumed from their
-checkpoint, the rest started; a directory holding a run with other settings than the plan's
-(another --set, say) is refused rather than mixed in. A run that fails is recorded in
-OUT/plan-status.json and the plan goes on. The tables (see report.py) are rewritten after
-every run, the plots at the end.
+last checkpoint (or started again if they had none), the rest started; a directory holding a
+run with other settings or another budget than the plan's (another --set, say) is refused
+rather than mixed in. Every run's settings, shared options included, are checked before the
+first run starts. A run that fails is recorded in OUT/plan-status.json and the plan goes on.
+The tables (see report.py) are rewritten after every run, the plots at the end.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ from typing import NoReturn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_preset, read_toml
+from .datasets import resolve_data
 from .errors import LstmlmError
-from .report import (PLAN_STATUS, UNLIMITED_EPOCHS, collect_row, empty_row, read_results,
-                     status_of, write_report)
+from .report import (PLAN_STATUS, REPORT_FILES, UNLIMITED_EPOCHS, collect_row, empty_row,
+                     make_dir, read_results, status_of, write_report)
 from .train import RESUMABLE_OVERRIDES, run_training
 
 BUDGET = ("max_minutes", "max_steps", "epochs")
@@ -104,6 +106,8 @@ def load_plan(spec: str) -> tuple[list[PlanRun], str]:
         name = table.get("name", Path(preset).stem)
         if not isinstance(name, str) or not NAME.fullmatch(name):
             fail(f"run {i}: name {name!r} must be a plain directory name (letters, digits, ._+-)")
+        if name in REPORT_FILES:
+            fail(f"run {i}: name {name!r} is taken by the report; give the run another name")
         if name in [r.name for r in runs]:
             fail(f"two runs are named {name!r}; give one of them name = \"...\"")
         runs.append(PlanRun(name, preset, overrides))
@@ -133,24 +137,28 @@ def run_config(run: PlanRun, overrides: dict) -> Config:
     return cfg
 
 
-def _train_one(run: PlanRun, run_dir: Path, overrides: dict, quiet: bool) -> dict:
-    """Start, resume or skip one run; its results, or {"stop_reason": "interrupted"}."""
-    cfg = run_config(run, overrides)
+def check_run_dir(run_dir: Path, cfg: Config) -> None:
+    """Refuse a directory that holds a run with other settings than `cfg`, another budget
+    included: it would be compared with the others as if it were the plan's run."""
     if not (run_dir / ckpt.CONFIG).is_file():
-        return run_training(cfg, out=run_dir, quiet=quiet)
+        return
     saved, _ = ckpt.read_run_config(run_dir)
-    changed = sorted(k for k, v in cfg.to_dict().items()
-                     if getattr(saved, k) != v and k not in RESUMABLE_OVERRIDES)
-    if changed:  # a finished run with other settings would silently mix into the table
+    changed = sorted(k for k, v in cfg.to_dict().items() if getattr(saved, k) != v
+                     and (k in BUDGET or k not in RESUMABLE_OVERRIDES))
+    if changed:
         raise ckpt.RunDirError(
             f"{run_dir} holds a run with other settings ({', '.join(changed)}); rerun with "
             "the options it was started with, or use another --out")
+
+
+def _train_one(run_dir: Path, cfg: Config, quiet: bool) -> dict:
+    """Start, resume or skip one run; its results, or {"stop_reason": "interrupted"}."""
+    if not (run_dir / ckpt.CONFIG).is_file():
+        return run_training(cfg, out=run_dir, quiet=quiet)
     results = read_results(run_dir)
     if results is not None:
         return results
-    if not (run_dir / ckpt.STATE).is_file():
-        raise ckpt.RunDirError(f"{run_dir} stopped before its first checkpoint; delete it "
-                               "and rerun to start this run again")
+    # Resumes from the last checkpoint, or trains from the start if there was none yet.
     return run_training(resume=run_dir, overrides=cfg.to_dict(), quiet=quiet)
 
 
@@ -159,17 +167,14 @@ def _write_status(out: Path, plan: str, reference: str, overrides: dict, status:
                                         "overrides": overrides, "runs": status})
 
 
-def _rows(runs: list[PlanRun], status: list[dict], out: Path, overrides: dict) -> list[dict]:
+def _rows(runs: list[PlanRun], configs: list[Config], status: list[dict], out: Path
+          ) -> list[dict]:
     rows = []
-    for run, entry in zip(runs, status):
+    for run, cfg, entry in zip(runs, configs, status):
         run_dir, preset = out / run.name, Path(run.preset).stem
         if (run_dir / ckpt.CONFIG).is_file():
             row = collect_row(run_dir, name=run.name, preset=preset)
         else:
-            try:
-                cfg = run_config(run, overrides)
-            except ConfigError:  # recorded as the run's error
-                cfg = None
             row = empty_row(run.name, preset, cfg)
         if entry["status"] in ("failed", "interrupted"):
             row.update(status=entry["status"], error=entry["error"])
@@ -184,15 +189,19 @@ def run_plan(plan: str, out: Path, overrides: dict | None = None, quiet: bool = 
     the statuses are also in OUT/plan-status.json.
     """
     runs, reference = load_plan(plan)
-    out, overrides = Path(out), common_overrides(overrides or {})
+    # Every run's settings, shared options and data included, fail here, before any training.
+    overrides = common_overrides(overrides or {})
+    configs = [run_config(run, overrides) for run in runs]
+    for data in sorted({cfg.data for cfg in configs}):
+        resolve_data(data)
+    out = Path(out)
+    for run, cfg in zip(runs, configs):
+        check_run_dir(out / run.name, cfg)
+    make_dir(out)
     status = [{"name": r.name, "preset": r.preset, "status": "pending", "stop_reason": None,
                "error": None} for r in runs]
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise LstmlmError(f"cannot create {out}: {e.strerror}") from None
     plotted = True
-    for i, (run, entry) in enumerate(zip(runs, status), 1):
+    for i, (run, cfg, entry) in enumerate(zip(runs, configs, status), 1):
         run_dir, tag = out / run.name, f"[{i}/{len(runs)}] {run.name}"
         if (run_dir / ckpt.RESULTS).is_file():
             _log(quiet, f"{tag}: finished earlier, skipped")
@@ -202,7 +211,7 @@ def run_plan(plan: str, out: Path, overrides: dict | None = None, quiet: bool = 
         entry["status"] = "running"
         _write_status(out, plan, reference, overrides, status)
         try:
-            results = _train_one(run, run_dir, overrides, quiet)
+            results = _train_one(run_dir, cfg, quiet)
             reason = results["stop_reason"]
             entry.update(status="interrupted" if reason == "interrupted" else status_of(results),
                          stop_reason=reason)
@@ -216,7 +225,7 @@ def run_plan(plan: str, out: Path, overrides: dict | None = None, quiet: bool = 
             return {"runs": status, "interrupted": run.name, "plots": plotted}
         _write_status(out, plan, reference, overrides, status)
         last = i == len(runs) or entry["status"] == "interrupted"  # plots take a second: at the end
-        plotted = write_report(_rows(runs, status, out, overrides), out, reference,
+        plotted = write_report(_rows(runs, configs, status, out), out, reference,
                                f"Ablation: {Path(plan).stem}", plots=last)
         if entry["status"] == "interrupted":
             return {"runs": status, "interrupted": run.name, "plots": plotted}

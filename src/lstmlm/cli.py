@@ -264,8 +264,8 @@ def cmd_ablate(args) -> None:
     if not status["plots"]:
         print("lstmlm: tables written; for the plots, pip install matplotlib", file=sys.stderr)
     if status["interrupted"]:
-        print(f"lstmlm: ablation interrupted during {status['interrupted']} (its checkpoint is "
-              "saved); rerun the same command to continue", file=sys.stderr)
+        print(f"lstmlm: ablation interrupted during {status['interrupted']}; rerun the same "
+              "command to continue it from its last checkpoint", file=sys.stderr)
 
 
 def cmd_report(args) -> None:

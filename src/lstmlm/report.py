@@ -20,12 +20,15 @@ from pathlib import Path
 
 from . import checkpoint as ckpt
 from .config import Config
+from .errors import LstmlmError
 from .fileio import atomic_write
 
 COLUMNS = ("name", "preset", "status", "stop_reason", "techniques", "parameters", "epochs",
            "steps", "train_minutes", "tokens_per_s", "best_valid_ppl", "test_ppl",
            "delta_test_ppl", "error")
 PLAN_STATUS = "plan-status.json"  # written by `lstmlm ablate` beside its run directories
+# What a report folder holds besides run directories (no run may take one of these names).
+REPORT_FILES = ("results.csv", "results.md", "curves.png", "ablation.png", PLAN_STATUS)
 UNLIMITED_EPOCHS = 1_000_000  # what `ablate` sets epochs to when another budget is the limit
 
 
@@ -179,6 +182,11 @@ def _params(n) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e6 else f"{n / 1e3:.1f}k" if n >= 1e3 else str(n)
 
 
+def _cell(text: str) -> str:
+    """Text for a Markdown table cell: a `|` would end the cell."""
+    return text.replace("|", "\\|")
+
+
 def to_markdown(rows: list[dict], title: str) -> str:
     corpus, budget = describe(rows)
     ref = next((r["name"] for r in rows if r.get("reference")), None)
@@ -191,10 +199,13 @@ def to_markdown(rows: list[dict], title: str) -> str:
              "| best valid ppl | test ppl | Δ test ppl | status |",
              "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
     for r in rows:
-        delta = "0.00 (ref)" if r.get("reference") else _fmt(r["delta_test_ppl"], "+.2f")
+        delta = _fmt(r["delta_test_ppl"], "+.2f")
+        if r.get("reference"):
+            delta = ("0.00" if _finite(r["test_ppl"]) else "–") + " (ref)"
         status = r["status"] + (f" ({r['stop_reason']})" if r["status"] == "budget" else "")
         lines.append(" | ".join([
-            f"| {r['name']}", r["preset"] or "–", ", ".join(r["techniques"]) or "none",
+            f"| {_cell(r['name'])}", _cell(r["preset"] or "–"),
+            ", ".join(r["techniques"]) or "none",
             _params(r["parameters"]), _fmt(r["epochs"], ".2f"), _fmt(r["steps"], ","),
             _fmt(r["train_minutes"], ".1f"), _fmt(r["tokens_per_s"], ",.0f"),
             _fmt(r["best_valid_ppl"], ".2f"), _fmt(r["test_ppl"], ".2f"), delta,
@@ -272,12 +283,22 @@ def plot_ablation(rows: list[dict], path: Path, corpus: str, budget: str) -> Non
 
 # ---- everything at once ---------------------------------------------------------------------
 
+def make_dir(out: Path) -> Path:
+    """`out`, created if needed, or a one-line error that says why it cannot be."""
+    out = Path(out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise LstmlmError(f"cannot create the folder {out} ({e.strerror}); choose another --out"
+                          ) from None
+    return out
+
+
 def write_report(rows: list[dict], out: Path, reference: str, title: str,
                  plots: bool = True) -> bool:
     """Write results.csv, results.md and (with `plots`, if matplotlib is installed) the two
     plots into `out`. Returns False when matplotlib is missing."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_dir(out)
     add_differences(rows, reference)
     atomic_write(out / "results.csv", to_csv(rows).encode("utf-8"))
     atomic_write(out / "results.md", to_markdown(rows, title).encode("utf-8"))
