@@ -121,6 +121,14 @@ def test_evaluate_with_the_cache(capsys, tiny_run, tiny_corpus):
     assert code == 0 and "cache window 3785 theta 0.662 lambda 0.1279" in out
 
 
+def test_json_has_null_for_an_infinite_loss(capsys, tiny_run):
+    # With lambda 1 the cache alone predicts: the first word (an empty cache) is impossible.
+    code, out, _ = run(capsys, "evaluate", tiny_run, "--cache", "--cache-lambda", "1", "--json")
+    assert code == 0
+    result = json.loads(out, parse_constant=lambda c: pytest.fail(f"{c} is not JSON"))
+    assert result["loss"] is None and result["ppl"] is None and result["tokens"] > 0
+
+
 def test_cache_search_picks_a_pair_on_valid(capsys, tiny_run):
     code, out, err = run(capsys, "evaluate", tiny_run, "--cache-search", "--json")
     assert code == 0 and err == ""
@@ -139,6 +147,8 @@ def test_cache_search_picks_a_pair_on_valid(capsys, tiny_run):
     (["--cache", "--cache-theta", "-1"], "cache theta must be a number >= 0"),
     (["--cache", "--cache-lambda", "1.5"], "cache lambda must be in [0, 1]"),
     (["--cache-theta", "0.5"], "--cache-theta only applies with --cache"),
+    (["--cache-theta", "0"], "--cache-theta only applies with --cache"),
+    (["--dynamic-decay", "0"], "--dynamic-decay only applies with --dynamic"),
     (["--cache", "--dynamic"], "cannot be combined"),
     (["--cache-search", "--cache-lambda", "0.1"], "--cache-search chooses theta and lambda"),
     (["--cache", "--batch-size", "0"], "--batch-size must be at least 1"),

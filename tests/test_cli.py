@@ -353,11 +353,12 @@ def test_generate_with_a_seed_prints_the_same_text_twice(capsys, tiny_run):
 
 def test_generate_prints_what_the_api_returns(capsys, tiny_run):
     # The prompt is a whole sentence: the continuation is likely to start a new line.
-    for prompt, seed in [("the cat", 1), ("the cat sat on the mat", 2), ("a dog\nsome", 3)]:
+    for prompt, seed in [("the cat", 1), ("the cat sat on the mat", 2), ("a dog\nsome", 3),
+                         ("the cat sat on the mat\n", 4)]:
         code, out, _ = run(capsys, "generate", tiny_run, "--prompt", prompt, "--max-tokens", "25",
                            "--seed", seed)
         text = lstmlm.load(tiny_run).generate(prompt, max_tokens=25, seed=seed)
-        expected = prompt + " " + text + "\n"
+        expected = prompt + ("" if prompt.endswith("\n") else " ") + text + "\n"
         # Compare line by line, ignoring trailing spaces; a leading space would be a bug.
         assert [line.rstrip() for line in out.splitlines()] == \
             [line.rstrip() for line in expected.splitlines()]

@@ -64,6 +64,7 @@ def test_missing_equals():
     ({"average_from": 1.0}, r"average_from must be in \[0, 1\)"),
     ({"average_from": 0.8, "ntasgd": True}, "set only one"),
     ({"colour": 1}, "unknown config key"),
+    ({"seed": 2**64}, "seed must be a 64-bit integer"),
 ])
 def test_impossible_configs(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -95,6 +95,12 @@ def test_greedy_is_the_argmax_continuation(lm):
         lm.vocab.decode(expected))
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-300])
+def test_a_tiny_temperature_samples_the_greedy_continuation(lm, temperature):
+    greedy = lm.generate("the cat", max_tokens=12, temperature=0)
+    assert lm.generate("the cat", max_tokens=12, temperature=temperature, seed=1) == greedy
+
+
 def test_greedy_ignores_the_seed(lm):
     texts = {lm.generate("a dog", max_tokens=10, temperature=0, seed=s) for s in range(3)}
     assert len(texts) == 1
@@ -210,6 +216,8 @@ def test_generated_text_is_words_of_the_vocabulary(lm):
     ({"top_p": 1.5}, "top-p"),
     ({"top_p": math.nan}, "top-p"),
     ({"num_samples": 0}, "number of samples"),
+    ({"seed": 2**64}, "seed must be a 64-bit integer"),
+    ({"seed": -2**63 - 1}, "seed must be a 64-bit integer"),
 ])
 def test_bad_sampling_arguments_are_refused(lm, kwargs, match):
     args = {"max_tokens": 5, "temperature": 1.0, "top_k": 0, "top_p": 1.0, "num_samples": 1,

@@ -40,7 +40,7 @@ class LanguageModel:
         prompts, of any lengths, gives a list with one such answer per prompt: prompts are read
         in groups of equal length (an LSTM cannot left-pad without masking), then all the
         continuations are sampled as one batch."""
-        check_sampling(max_tokens, temperature, top_k, top_p, num_samples)
+        check_sampling(max_tokens, temperature, top_k, top_p, num_samples, seed)
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise LstmlmError("no prompts given; pass a string or a non-empty list of strings")

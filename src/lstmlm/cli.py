@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -69,7 +70,22 @@ def cmd_train(args) -> None:
 
 def print_results(results: dict) -> None:
     if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same results
-        print(json.dumps(results))
+        print_json(results)
+
+
+def print_json(obj) -> None:
+    """One JSON object on stdout, with inf and nan as null: `Infinity` is not JSON, and strict
+    parsers refuse it (a cache with lambda 1 gives an infinite loss to a word it never saw)."""
+    def finite(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {k: finite(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [finite(v) for v in value]
+        return value
+
+    print(json.dumps(finite(obj)))
 
 
 def cmd_finetune(args) -> None:
@@ -90,7 +106,7 @@ def check_evaluate_options(args) -> None:
         raise LstmlmError("--cache and --dynamic cannot be combined; choose one")
     for prefix, on in (("cache", cache), ("dynamic", args.dynamic)):
         given = [k for k, v in vars(args).items()
-                 if k.startswith(prefix + "_") and v not in (None, False)]
+                 if k.startswith(prefix + "_") and v is not None and v is not False]
         if given and not on:
             flag = "--" + given[0].replace("_", "-")
             raise LstmlmError(f"{flag} only applies with --{prefix}")
@@ -165,7 +181,7 @@ def cmd_evaluate(args) -> None:
                    "unknown_words": unknown, "batch_size": batch_size,
                    "data": str(files[args.split]), "seconds": round(seconds, 1)})
     if args.json:
-        print(json.dumps(result))
+        print_json(result)
     else:
         print(f"{args.split}: loss {loss:.4f} | perplexity {perplexity(loss):.2f} | "
               f"{tokens:,} tokens (batch size {batch_size}{method}) | {seconds:.1f} s")
@@ -198,8 +214,7 @@ def cmd_score(args) -> None:
     tokens = sum(r["tokens"] for r in results)
     total = {"logprob": logprob, "tokens": tokens, "ppl": perplexity(-logprob / tokens)}
     if args.json:
-        print(json.dumps({"lines": results, "total": total,
-                          "continue_state": args.continue_state}))
+        print_json({"lines": results, "total": total, "continue_state": args.continue_state})
         return
     print(f"{'logprob':>10} {'tokens':>6} {'ppl':>9}  text")
     for r in results:
@@ -225,14 +240,18 @@ def cmd_generate(args) -> None:
     from .api import load
     from .generate import check_sampling, sample
 
-    check_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.num_samples)
+    check_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.num_samples,
+                   args.seed)
     lm = load(args.run_dir)
     prompt_ids = lm.encode(args.prompt)
     steps = sample(lm.model, prompt_ids, args.max_tokens, args.temperature, args.top_k,
                    args.top_p, args.num_samples, args.seed)
+    # The prompt as given, but for trailing spaces; after a line break, no space before a word.
+    prompt = args.prompt.rstrip(" \t")
+    separator = "" if prompt.endswith("\n") else " "
     if args.num_samples == 1:  # stream each word as soon as it is sampled
-        print(args.prompt.rstrip(), end="", flush=True)
-        space = " "
+        print(prompt, end="", flush=True)
+        space = separator
         for ids in steps:
             word = lm.vocab.words[ids[0]]
             print("\n" if word == "<eos>" else space + word, end="", flush=True)
@@ -245,7 +264,7 @@ def cmd_generate(args) -> None:
     rows = torch.stack(list(steps), dim=1).tolist()
     for i, row in enumerate(rows):
         print(f"--- sample {i + 1} ---")
-        print(args.prompt.rstrip() + " " + detokenize(lm.vocab.decode(row)))
+        print(prompt + separator + detokenize(lm.vocab.decode(row)))
 
 
 def cmd_ablate(args) -> None:

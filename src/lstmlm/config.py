@@ -32,6 +32,11 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
+
+def fits_a_seed(seed: int) -> bool:
+    """Whether torch's generators take `seed` (they take 64 bits, signed or not)."""
+    return -2**63 <= seed < 2**64
+
 @dataclass
 class Config:
     # data
@@ -141,6 +146,7 @@ class Config:
         for name in ("batch_size", "bptt", "valid_batch_size", "test_batch_size",
                      "embedding_size", "hidden_size", "num_layers", "epochs"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        need(fits_a_seed(self.seed), f"seed must be a 64-bit integer, got {self.seed}")
         for name in ("dropout_input", "dropout_hidden", "dropout_output", "dropout_embedding",
                      "weight_drop"):
             p = getattr(self, name)

@@ -6,6 +6,7 @@ from collections.abc import Iterator
 
 import torch
 
+from .config import fits_a_seed
 from .data import EOS, Vocab
 from .errors import LstmlmError
 from .model import LSTMLM
@@ -14,7 +15,7 @@ MAX_TOKENS_LIMIT = 100_000
 
 
 def check_sampling(max_tokens: int, temperature: float, top_k: int, top_p: float,
-                   num_samples: int) -> None:
+                   num_samples: int, seed: int | None = None) -> None:
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise LstmlmError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT:,}, got {max_tokens}")
     if not temperature >= 0:  # also refuses nan
@@ -25,6 +26,8 @@ def check_sampling(max_tokens: int, temperature: float, top_k: int, top_p: float
         raise LstmlmError(f"top-p must be in (0, 1] (1: off), got {top_p}")
     if not 1 <= num_samples <= 1024:
         raise LstmlmError(f"number of samples must be between 1 and 1024, got {num_samples}")
+    if seed is not None and not fits_a_seed(seed):
+        raise LstmlmError(f"seed must be a 64-bit integer, got {seed}")
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -102,7 +105,11 @@ def sample(model: LSTMLM, prompt_ids: list[int] | list[list[int]], max_tokens: i
         if temperature == 0:
             next_ids = logits.argmax(-1)
         else:
-            probs = torch.softmax(filter_logits(logits / temperature, top_k, top_p), dim=-1)
+            # Shifted so the largest is 0, and the temperature kept above what the dtype rounds
+            # to 0: a tiny temperature then gives 0 and -inf (greedy), never inf - inf or 0 / 0.
+            shifted = logits - logits.max(-1, keepdim=True).values
+            scaled = shifted / max(temperature, torch.finfo(logits.dtype).tiny)
+            probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         yield next_ids
         logits, hidden = model(next_ids.unsqueeze(0), hidden)
