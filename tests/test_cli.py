@@ -113,7 +113,7 @@ def test_train_refuses_too_little_data_for_the_batch_size(capsys, tmp_path):
     data = make_corpus(tmp_path / "data", test="a\n")
     line = user_error(capsys, "train", "--data", data, "--out", tmp_path / "run", *SMALL,
                       "--test-batch-size", "5")
-    assert "too few for batch size 5" in line
+    assert "test.txt has 2 tokens, too few for test_batch_size 5" in line
     assert not (tmp_path / "run").exists()
 
 
@@ -325,7 +325,7 @@ def test_evaluate_on_other_data(capsys, tiny_run, tmp_path):
 @pytest.mark.parametrize("args, message", [
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
-    (["--batch-size", "100000"], "too few for batch size 100000"),
+    (["--batch-size", "100000"], "too few for --batch-size 100000"),
     (["--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
 ])
 def test_evaluate_mistakes(capsys, tiny_run, args, message):

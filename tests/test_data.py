@@ -49,6 +49,20 @@ def test_wiki_token_file_names_and_crlf(tmp_path):
     assert corpus.vocab.decode(corpus.train.tolist()) == ["x", "y", EOS, "z", EOS]
 
 
+def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
+    bom = "\ufeff"
+    d = write_corpus(tmp_path, bom + "the cat\n", bom + "the\n", "cat\n")
+    corpus = tokenize(data.find_split_files(d))
+    assert corpus.vocab.decode(corpus.train.tolist()) == ["the", "cat", EOS]
+    assert corpus.unknown == {"train": 0, "valid": 0, "test": 0}
+
+
+def test_an_empty_cache_variable_means_the_default(monkeypatch, tmp_path):
+    monkeypatch.setenv("LSTMLM_CACHE", "")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert data.cache_root() == tmp_path / "xdg" / "lstmlm"
+
+
 def test_cache_is_keyed_by_content(tmp_path):
     d = write_corpus(tmp_path / "c", "a b\n", "a\n", "b\n")
     first = load_corpus(d)

@@ -42,11 +42,12 @@ TEXTISH = st.one_of(
 @example(raw=b"a\r\nb\rc\n\n")
 @example(raw=b"\xff\xfe")
 @example(raw=b" \n\t")
+@example(raw=b"\xef\xbb\xbfthe cat\n")  # a byte-order mark
 def test_read_lines_gives_words_or_a_corpus_error(scratch, raw):
     path = scratch / "corpus.txt"
     path.write_bytes(raw)
     try:
-        text = raw.decode("utf-8")
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError:
         text = None
     try:
@@ -58,8 +59,9 @@ def test_read_lines_gives_words_or_a_corpus_error(scratch, raw):
     assert b"\x00" not in raw and text is not None
     assert all(type(w) is str and w and not any(c.isspace() for c in w)
                for words in lines for w in words)
-    # The reference reading: a UTF-8 text file, line by line, each line split on whitespace.
-    with open(path, encoding="utf-8") as f:
+    # The reference reading: a UTF-8 text file (a byte-order mark is not part of the text),
+    # line by line, each line split on whitespace.
+    with open(path, encoding="utf-8-sig") as f:
         assert lines == [line.split() for line in f]
 
 

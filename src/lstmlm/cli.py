@@ -143,7 +143,7 @@ def cmd_evaluate(args) -> None:
             batch_size = cfg.valid_batch_size if args.split == "valid" else cfg.test_batch_size
     if batch_size < 1:
         raise LstmlmError(f"--batch-size must be at least 1, got {batch_size}")
-    data = batchify(ids, batch_size)
+    data = batchify(ids, batch_size, str(files[args.split]), "--batch-size")
     result = {"split": args.split}
     start = time.perf_counter()
     if cache:

@@ -27,7 +27,7 @@ UNK = "<unk>"
 SPLITS = ("train", "valid", "test")
 # File names accepted for each split inside a data directory, in order of preference.
 SPLIT_FILES = {split: (f"{split}.txt", f"wiki.{split}.tokens") for split in SPLITS}
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: a UTF-8 byte-order mark is no longer part of the first word
 
 
 class CorpusError(LstmlmError):
@@ -36,15 +36,15 @@ class CorpusError(LstmlmError):
 
 def cache_root() -> Path:
     """Where lstmlm keeps downloaded datasets and tokenized corpora (`$LSTMLM_CACHE`)."""
-    if "LSTMLM_CACHE" in os.environ:
+    if os.environ.get("LSTMLM_CACHE"):  # set and not empty
         return Path(os.environ["LSTMLM_CACHE"]).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
     return Path(xdg) / "lstmlm"
 
 
 def read_text(source) -> str:
-    """The UTF-8 text of a file (`-`: standard input), with one clear error for anything that
-    is not text."""
+    """The UTF-8 text of a file (`-`: standard input), without a byte-order mark, with one
+    clear error for anything that is not text."""
     name = "stdin" if str(source) == "-" else str(source)
     try:
         raw = sys.stdin.buffer.read() if str(source) == "-" else Path(source).read_bytes()
@@ -57,7 +57,7 @@ def read_text(source) -> str:
     if b"\x00" in raw[:1 << 20]:
         raise CorpusError(f"{name}: looks like a binary file (contains NUL bytes); pass plain UTF-8 text")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise CorpusError(
             f"{name}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
@@ -239,17 +239,19 @@ def _read_cache(path: Path) -> Corpus:
                   unknown=json.loads(meta["unknown"]))
 
 
-def batchify(data: torch.Tensor, batch_size: int) -> torch.Tensor:
+def batchify(data: torch.Tensor, batch_size: int, what: str = "the split",
+             setting: str = "batch size") -> torch.Tensor:
     """Cut a 1-D token stream into `batch_size` parallel streams: shape (length, batch_size).
 
     Column j holds the j-th contiguous slice of the corpus; trailing tokens that do not fill a
-    row are dropped, as in the reference code.
+    row are dropped, as in the reference code. `what` and `setting` name the data and the
+    option for the error when the data is too short.
     """
     length = data.numel() // batch_size
     if length < 2:
         raise CorpusError(
-            f"the split has {data.numel()} tokens, too few for batch size {batch_size}; "
-            "use a smaller batch size or more data")
+            f"{what} has {data.numel()} tokens, too few for {setting} {batch_size}; "
+            f"use a smaller {setting} or more data")
     return data[: length * batch_size].view(batch_size, length).t().contiguous()
 
 

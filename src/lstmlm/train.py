@@ -106,12 +106,14 @@ class Trainer:
         torch.manual_seed(cfg.seed)
         self.vocab = corpus.vocab
 
-        def streams(tokens: torch.Tensor, batch_size: int) -> torch.Tensor:
-            return distributed.columns(batchify(tokens, batch_size), self.group).to(self.device)
+        def streams(split: str, setting: str) -> torch.Tensor:
+            tokens = batchify(getattr(corpus, split), getattr(cfg, setting), f"{split}.txt",
+                              setting)
+            return distributed.columns(tokens, self.group).to(self.device)
 
-        self.train_data = streams(corpus.train, cfg.batch_size)
-        self.valid_data = streams(corpus.valid, cfg.valid_batch_size)
-        self.test_data = streams(corpus.test, cfg.test_batch_size)
+        self.train_data = streams("train", "batch_size")
+        self.valid_data = streams("valid", "valid_batch_size")
+        self.test_data = streams("test", "test_batch_size")
         if self.train_data.size(0) - 1 < cfg.bptt:
             raise ConfigError(
                 f"bptt {cfg.bptt} is longer than each training stream ({self.train_data.size(0)} "
