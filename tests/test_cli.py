@@ -241,10 +241,31 @@ def test_a_run_from_a_newer_lstmlm(capsys, run_copy, which):
     assert "newer lstmlm (format 999" in line and "upgrade lstmlm" in line
 
 
-@pytest.mark.parametrize("content", ["", "{not json", "[]", '{"format_version": 1}'])
+@pytest.mark.parametrize("content", [
+    "", "{not json", "[]", '{"format_version": 1}',
+    '{"format_version": 1, "vocab_size": 16, "config": null}',
+    '{"format_version": 1, "vocab_size": 16.0, "config": {}}',
+    '{"format_version": 1, "vocab_size": "16", "config": {}}',
+])
 def test_a_damaged_config_file(capsys, run_copy, content):
     (run_copy / "config.json").write_text(content)
     assert "config.json: damaged" in user_error(capsys, "evaluate", run_copy)
+
+
+def test_out_of_memory_is_one_line(capsys, tmp_path):
+    data = make_corpus(tmp_path / "data")
+    line = user_error(capsys, "train", "--data", data, "--out", tmp_path / "run", *SMALL,
+                      "--hidden-size", "3000000")
+    assert line.startswith("lstmlm: error: out of memory (") and "smaller model" in line
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_reader_that_goes_away_is_not_a_traceback():
+    proc = subprocess.Popen([sys.executable, "-m", "lstmlm", "presets"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.close()  # long before the interpreter has started and printed anything
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141 and err == ""
 
 
 def test_a_config_file_with_a_bad_value(capsys, run_copy):

@@ -71,6 +71,19 @@ def test_impossible_configs(values, message):
         Config.from_dict(values)
 
 
+@pytest.mark.parametrize("files, message", [
+    ({"a.toml": 'base = "b.toml"\n', "b.toml": 'base = "a.toml"\n'}, "a loop of bases"),
+    ({"a.toml": 'base = "a.toml"\n'}, "a loop of bases"),
+    ({"a.toml": "base = 5\n"}, "base must be a preset name or a .toml path, got 5"),
+    ({"a.toml": 'base = "missing.toml"\n'}, "preset file .*missing.toml: not found"),
+])
+def test_bad_preset_bases(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_preset(str(tmp_path / "a.toml"))
+
+
 def test_json_round_trip():
     cfg = load_preset("lstm-baseline")
     cfg.update({"hidden_size": 123})

@@ -180,6 +180,22 @@ def test_incomplete_existing_directory_is_not_overwritten(tmp_path, dead_url):
     assert (tmp_path / "wikitext-2" / "train.txt").read_text() == "mine\n"
 
 
+def test_a_named_dataset_in_the_wiki_tokens_layout_is_used_as_it_is(tmp_path, dead_url):
+    folder = tmp_path / "data" / "wikitext-2"  # $LSTMLM_DATA/wikitext-2, as the zip unpacks
+    folder.mkdir(parents=True)
+    for split in ("train", "valid", "test"):
+        (folder / f"wiki.{split}.tokens").write_text("a b\n")
+    assert resolve_data("wikitext-2") == folder  # no download (the URL would fail)
+
+
+def test_a_data_folder_that_cannot_be_written_is_one_line(tmp_path, monkeypatch, dead_url):
+    (tmp_path / "a-file").write_text("kept\n")
+    monkeypatch.setenv("LSTMLM_DATA", str(tmp_path / "a-file"))
+    with pytest.raises(DownloadError, match="cannot store wikitext-2 in .*a-file") as e:
+        resolve_data("wikitext-2")
+    assert "\n" not in str(e.value) and (tmp_path / "a-file").read_text() == "kept\n"
+
+
 def test_token_counts_verify_when_no_sha256(server, tmp_path, monkeypatch):
     url = f"{server[0]}/tiny.zip"
     add_tiny(monkeypatch, url, {"train": 7, "valid": 3, "test": 3})

@@ -1,6 +1,7 @@
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -184,6 +185,24 @@ def test_resume_refuses_other_changes(corpus, tmp_path):
     run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=True)
     with pytest.raises(ConfigError, match="cannot change hidden_size"):
         run_training(resume=tmp_path / "run", overrides={"hidden_size": 64}, quiet=True)
+
+
+def test_resume_finds_moved_data_but_refuses_other_data(corpus, tmp_path):
+    run_training(tiny(corpus, max_steps=4), out=tmp_path / "run", quiet=True)
+    moved = corpus.rename(tmp_path / "moved")
+    with pytest.raises(LstmlmError, match="no such directory"):
+        run_training(resume=tmp_path / "run", quiet=True)
+    # The same words, fewer lines: the vocabulary matches, the number of training tokens not.
+    shorter = tmp_path / "shorter"
+    shutil.copytree(moved, shorter)
+    (shorter / "train.txt").write_text("".join(f" {s} \n" for s in SENTENCES * 2))
+    with pytest.raises(ckpt.RunDirError, match="has 58 training tokens, but the run was "
+                                               "trained on 870: not the same data"):
+        run_training(resume=tmp_path / "run", overrides={"data": str(shorter)}, quiet=True)
+    results = run_training(resume=tmp_path / "run", overrides={"data": str(moved),
+                                                               "max_steps": 6}, quiet=True)
+    assert results["steps"] == 6
+    assert ckpt.read_run_config(tmp_path / "run")[0].data == str(moved)
 
 
 def test_existing_run_is_not_overwritten(corpus, tmp_path):

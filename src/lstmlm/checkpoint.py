@@ -101,7 +101,9 @@ def read_run_config(run_dir: Path) -> tuple[Config, int]:
         version = data["format_version"]
         values, vocab_size = data["config"], data["vocab_size"]
     except (ValueError, KeyError, TypeError):
-        raise RunDirError(f"{path}: damaged (not the JSON lstmlm writes)") from None
+        values = None
+    if not isinstance(values, dict) or type(vocab_size) is not int or vocab_size < 1:
+        raise RunDirError(f"{path}: damaged (not the JSON lstmlm writes)")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise RunDirError(
             f"{run_dir} was written by a newer lstmlm (format {version}, this one reads "

@@ -435,6 +435,16 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lstmlm: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as e:  # torch's allocator, on the CPU or a GPU, says "allocate"
+        if "allocate" not in str(e):
+            raise
+        reason = " ".join(str(e).split("\n")[0].split())
+        print(f"lstmlm: error: out of memory ({reason}); use a smaller model or batch size",
+              file=sys.stderr)
+        return 1
+    except BrokenPipeError:  # `lstmlm presets | head -1`: the reader has gone, not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
+        return 141
     return 0
 
 

@@ -264,21 +264,34 @@ def read_preset_file(path) -> tuple[str, dict]:
     return description, data
 
 
-def load_preset(name: str) -> Config:
-    """A shipped preset by name, or a TOML file given by path."""
+def load_preset(name: str, _chain: tuple[str, ...] = ()) -> Config:
+    """A shipped preset by name, or a TOML file given by path (`_chain`: the presets that
+    lead to this one through `base`)."""
     files = _preset_files()
     if name in files:
         path = files[name]
     elif name.endswith(".toml") and Path(name).is_file():
         path = Path(name)
+    elif name.endswith(".toml"):
+        raise ConfigError(f"preset file {name}: not found")
     else:
         close = difflib.get_close_matches(name, files, n=1)
         hint = f"did you mean {close[0]}? " if close else ""
         raise ConfigError(f"unknown preset {name!r}: {hint}`lstmlm presets` lists them")
     _, values = read_preset_file(path)
     base = values.pop("base", None)
-    if isinstance(base, str) and base.endswith(".toml") and isinstance(path, Path):
+    if base is not None and not (isinstance(base, str) and base):
+        raise ConfigError(f"preset {name}: base must be a preset name or a .toml path, "
+                          f"got {base!r}")
+    if base and base.endswith(".toml") and isinstance(path, Path):
         base = str(path.parent / base)  # a preset file's base file is found beside it
-    cfg = load_preset(base) if base else Config()
+
+    def identity(preset: str) -> str:
+        return preset if preset in files else str(Path(preset).resolve())
+
+    chain = (*_chain, identity(name))
+    if base and identity(base) in chain:
+        raise ConfigError(f"preset {name}: base {base!r} leads back to {name} (a loop of bases)")
+    cfg = load_preset(base, chain) if base else Config()
     cfg.update(values, source=f"preset {name}")
     return cfg

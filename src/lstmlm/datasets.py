@@ -29,7 +29,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import SPLITS, CorpusError, cache_root, count_tokens
+from .data import SPLITS, CorpusError, cache_root, count_tokens, find_split_files
 from .errors import LstmlmError
 from .fileio import fsync_dir
 
@@ -91,8 +91,12 @@ def data_root() -> Path:
 
 
 def _is_complete(directory: Path) -> bool:
-    """Whether `directory` holds train.txt, valid.txt and test.txt."""
-    return all((Path(directory) / f"{split}.txt").is_file() for split in SPLITS)
+    """Whether `directory` holds the three splits (train.txt ... or wiki.train.tokens ...)."""
+    try:
+        find_split_files(directory)
+    except CorpusError:
+        return False
+    return True
 
 
 def resolve_data(spec: str) -> Path:
@@ -128,30 +132,35 @@ def download_dataset(name: str, root: Path | None = None, url: str | None = None
         return final
     if final.exists():
         raise DownloadError(
-            f"{final} exists but does not hold train.txt valid.txt test.txt; "
-            "remove it and try again")
-    root.mkdir(parents=True, exist_ok=True)
-    # Not tempfile.mkdtemp: its 0700 mode would stick to the final directory.
-    tmp = root / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    tmp.mkdir()
+            f"{final} exists but does not hold train.txt valid.txt test.txt (or "
+            "wiki.train.tokens ...); move it away and try again")
     try:
-        archive = tmp / "archive"
-        _fetch(url, archive, name)
-        _extract(archive, dataset.members, tmp, name, url)
-        archive.unlink()
-        for split in SPLITS:
-            _verify(tmp / f"{split}.txt", split, dataset, name)
-        fsync_dir(tmp)
+        root.mkdir(parents=True, exist_ok=True)
+        # Not tempfile.mkdtemp: its 0700 mode would stick to the final directory.
+        tmp = root / f".{name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+        tmp.mkdir()
         try:
-            os.rename(tmp, final)  # atomic: `final` appears complete or not at all
-        except OSError:
-            if not _is_complete(final):  # unless another process just finished the same job
-                raise
+            archive = tmp / "archive"
+            _fetch(url, archive, name)
+            _extract(archive, dataset.members, tmp, name, url)
+            archive.unlink()
+            for split in SPLITS:
+                _verify(tmp / f"{split}.txt", split, dataset, name)
+            fsync_dir(tmp)
+            try:
+                os.rename(tmp, final)  # atomic: `final` appears complete or not at all
+            except OSError:
+                if not _is_complete(final):  # unless another process just finished the job
+                    raise
+                shutil.rmtree(tmp, ignore_errors=True)
+        except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    fsync_dir(root)
+            raise
+        fsync_dir(root)
+    except OSError as e:  # a full disk, a read-only folder, LSTMLM_DATA naming a file
+        raise DownloadError(
+            f"cannot store {name} in {root} ({e.strerror or e}); free some space or point "
+            "LSTMLM_DATA at a writable folder") from None
     return final
 
 

@@ -39,10 +39,11 @@ from .fileio import atomic_write
 from .model import LSTMLM, Hidden, count_parameters, detach
 from .optim import WeightAverage, clip_grad_norm, make_optimizer, nonmono_triggered
 
-# Fields a resumed run may change: its budget. Anything else would make it another run.
+# Fields a resumed run may change: its budget, where it runs, and where its data now is (the
+# vocabulary and the number of training tokens must match). Anything else makes another run.
 RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "eval_minutes",
                        "checkpoint_minutes", "checkpoint_steps", "max_nan_retries", "device",
-                       "precision")
+                       "precision", "data")
 
 
 class DivergedError(LstmlmError):
@@ -73,6 +74,7 @@ class TrainState:
     averaging_since: int = -1  # step at which weight averaging began (-1: not yet)
     converged: bool = False  # fine-tuning: the non-monotone trigger fired
     nan_rollbacks: int = 0  # rollbacks after non-finite numbers (each lowered the lr)
+    corpus_tokens: int = 0  # tokens in the training split (0: not recorded, an older run)
 
 
 def pick_device(name: str) -> torch.device:
@@ -125,7 +127,8 @@ class Trainer:
         self.optimizer = make_optimizer(cfg, self.model)
         # fp16 needs its loss scaled so small gradients survive; disabled, it changes nothing.
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
-        self.state = TrainState()
+        self.corpus_tokens = corpus.train.numel()
+        self.state = TrainState(corpus_tokens=self.corpus_tokens)
         self.average: WeightAverage | None = None
         if cfg.finetune:
             self.start_averaging()
@@ -198,6 +201,11 @@ class Trainer:
             param_groups = json.loads(meta["param_groups"])
         except (KeyError, TypeError, ValueError):
             raise ckpt.RunDirError(f"{source}: damaged trainer state; cannot resume") from None
+        if self.state.corpus_tokens not in (0, self.corpus_tokens):
+            raise ckpt.RunDirError(
+                f"{self.cfg.data} has {self.corpus_tokens:,} training tokens, but the run was "
+                f"trained on {self.state.corpus_tokens:,}: not the same data; pass the run's "
+                "original data with --data")
         ckpt.load_weights(self.model, {k[6:]: v.to(self.device) for k, v in tensors.items()
                                        if k.startswith("model.")}, source)
         optim_state: dict[int, dict] = {}
