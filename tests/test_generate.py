@@ -217,6 +217,10 @@ def test_generated_text_is_words_of_the_vocabulary(lm):
     ({"top_p": math.nan}, "top-p"),
     ({"num_samples": 0}, "number of samples"),
     ({"seed": 2**64}, "seed must be a 64-bit integer"),
+    ({"max_tokens": 5.0}, "max tokens must be an integer, got 5.0"),
+    ({"top_k": 2.0}, "top-k must be an integer"),
+    ({"num_samples": True}, "number of samples must be an integer"),
+    ({"seed": 1.5}, "seed must be an integer"),
     ({"seed": -2**63 - 1}, "seed must be a 64-bit integer"),
 ])
 def test_bad_sampling_arguments_are_refused(lm, kwargs, match):

@@ -16,6 +16,12 @@ MAX_TOKENS_LIMIT = 100_000
 
 def check_sampling(max_tokens: int, temperature: float, top_k: int, top_p: float,
                    num_samples: int, seed: int | None = None) -> None:
+    integers = {"max tokens": max_tokens, "top-k": top_k, "number of samples": num_samples}
+    if seed is not None:
+        integers["seed"] = seed
+    for name, value in integers.items():
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise LstmlmError(f"{name} must be an integer, got {value!r}")
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise LstmlmError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT:,}, got {max_tokens}")
     if not temperature >= 0:  # also refuses nan
