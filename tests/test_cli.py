@@ -113,7 +113,7 @@ def test_train_refuses_too_little_data_for_the_batch_size(capsys, tmp_path):
     data = make_corpus(tmp_path / "data", test="a\n")
     line = user_error(capsys, "train", "--data", data, "--out", tmp_path / "run", *SMALL,
                       "--test-batch-size", "5")
-    assert "test.txt has 2 tokens, too few for test_batch_size 5" in line
+    assert "the test split has 2 tokens, too few for test_batch_size 5" in line
     assert not (tmp_path / "run").exists()
 
 

@@ -32,10 +32,10 @@ def _f(default, help: str):
     return field(default=default, metadata={"help": help})
 
 
-
 def fits_a_seed(seed: int) -> bool:
     """Whether torch's generators take `seed` (they take 64 bits, signed or not)."""
     return -2**63 <= seed < 2**64
+
 
 @dataclass
 class Config:

@@ -109,8 +109,8 @@ class Trainer:
         self.vocab = corpus.vocab
 
         def streams(split: str, setting: str) -> torch.Tensor:
-            tokens = batchify(getattr(corpus, split), getattr(cfg, setting), f"{split}.txt",
-                              setting)
+            tokens = batchify(getattr(corpus, split), getattr(cfg, setting),
+                              f"the {split} split", setting)
             return distributed.columns(tokens, self.group).to(self.device)
 
         self.train_data = streams("train", "batch_size")
@@ -641,8 +641,8 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
                     if getattr(cfg, k) != v and k not in RESUMABLE_OVERRIDES)
     if frozen:
         raise ConfigError(
-            f"cannot change {', '.join(frozen)} when resuming; only the budget "
-            f"({', '.join(RESUMABLE_OVERRIDES)}) can change")
+            f"cannot change {', '.join(frozen)} when resuming; only the budget and the place "
+            f"of the run and its data ({', '.join(RESUMABLE_OVERRIDES)}) can change")
     has_state = (run_dir / ckpt.STATE).is_file()
     if cfg.finetune and not has_state:
         raise ckpt.RunDirError(
