@@ -115,6 +115,15 @@ def test_lr_decays_on_plateau(corpus, tmp_path):
         assert m["lr"] == pytest.approx(lr)
 
 
+def test_a_plateau_never_raises_the_lr(corpus, tmp_path):
+    # An lr below min_lr (set so, or lowered there by a rollback) stays where it is.
+    run_training(tiny(corpus, epochs=8, lr=50.0, clip=0.0, min_lr=60.0), out=tmp_path / "run",
+                 quiet=True)
+    lines = metrics(tmp_path / "run")
+    assert any(not m["best"] for m in lines)
+    assert all(m["lr"] == 50.0 for m in lines)
+
+
 def test_cosine_schedule_anneals_over_the_budget(corpus, tmp_path, monkeypatch):
     used = []  # the lr of every optimizer step
     step = torch.optim.SGD.step

@@ -365,7 +365,8 @@ class Trainer:
             return
         st.bad_checks += 1
         if st.bad_checks > cfg.lr_patience and cfg.lr_decay > 1:
-            self.lr = max(self.lr / cfg.lr_decay, cfg.min_lr)
+            # Never below min_lr, and never up to it (an lr below it stays where it is).
+            self.lr = max(self.lr / cfg.lr_decay, min(cfg.min_lr, self.lr))
             st.bad_checks = 0
 
     # ---- the loop -------------------------------------------------------------------------
