@@ -109,8 +109,8 @@ def test_export_a_run(capsys, lm, tiny_run, tmp_path):
 def test_onnx_export_without_onnx(capsys, monkeypatch, tiny_run, tmp_path):
     monkeypatch.setitem(sys.modules, "onnx", None)  # import onnx now raises ImportError
     code, out, err = run(capsys, "export", tiny_run, "--format", "onnx", "--out", tmp_path / "m")
-    assert code == 1 and err == "lstmlm: error: ONNX export needs the onnx package: pip install " \
-                                "'lstmlm[onnx]'\n"
+    assert code == 1 and err == ("lstmlm: error: ONNX export needs the onnx package: pip install "
+                                 "onnx (or, in a checkout, pip install -e '.[onnx]')\n")
     assert not (tmp_path / "m").exists()
 
 

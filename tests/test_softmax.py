@@ -55,6 +55,17 @@ def test_log_probabilities_are_normalised(kw):
     assert torch.allclose(torch.log_softmax(scores, -1), scores, atol=1e-5)
 
 
+@pytest.mark.parametrize("softmax", ["adaptive", "full"])
+def test_the_loss_stays_fp32_under_bf16_autocast(softmax):
+    model = LSTMLM(adaptive(softmax=softmax), VOCAB)
+    tokens, targets = batch()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, _, _ = model.loss(tokens, targets, model.init_hidden(3))
+        log_probs = model.target_log_probs(model.features(tokens, model.init_hidden(3))[0],
+                                           targets.view(6, 3))
+    assert loss.dtype == torch.float32 and log_probs.dtype == torch.float32
+
+
 @pytest.mark.parametrize("kw", SETTINGS)
 def test_cheap_loss_is_the_full_cross_entropy(kw):
     torch.manual_seed(0)

@@ -56,8 +56,8 @@ def check_export(fmt: str, out: Path) -> None:
         try:
             import onnx  # noqa: F401  torch's TorchScript-based exporter writes through it
         except ImportError:
-            raise LstmlmError("ONNX export needs the onnx package: pip install 'lstmlm[onnx]'"
-                              ) from None
+            raise LstmlmError("ONNX export needs the onnx package: pip install onnx (or, in a "
+                              "checkout, pip install -e '.[onnx]')") from None
 
 
 def example_inputs(model: LSTMLM, time: int = 3, batch: int = 2) -> tuple[torch.Tensor, ...]:

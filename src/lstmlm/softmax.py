@@ -79,14 +79,16 @@ class AdaptiveSoftmax(nn.Module):
         (..., c1 + tails)."""
         words = F.linear(x, matrix, self.bias[: self.bounds[1]])
         clusters = F.linear(x, self.clusters, self.cluster_bias)
-        return torch.log_softmax(torch.cat([words, clusters], -1), -1)
+        # In fp32 under autocast too (a no-op otherwise): CPU autocast leaves log_softmax in
+        # bf16, and the loss is to stay fp32.
+        return torch.log_softmax(torch.cat([words, clusters], -1).float(), -1)
 
     def tail(self, k: int, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         """Log-probabilities within tail cluster k (>= 1) of its words (`matrix`'s): (..., its
         size)."""
         lo, hi = self.bounds[k], self.bounds[k + 1]
         logits = F.linear(F.linear(x, self.projections[k - 1]), matrix, self.bias[lo:hi])
-        return torch.log_softmax(logits, -1)
+        return torch.log_softmax(logits.float(), -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-probabilities over the vocabulary (..., vocab) of features (..., in_size)."""
