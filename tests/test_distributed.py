@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lstmlm import checkpoint as ckpt
 from lstmlm.config import Config
@@ -80,11 +81,11 @@ def test_awd_training_checkpoints_once_and_resumes_exactly(tiny_corpus, tmp_path
 def test_ranks_draw_their_own_stream_masks():
     seeds = {mask_seed(1111, rank, step) for rank in range(4) for step in range(1000)}
     assert len(seeds) == 4000
+    for seed in (-2**63, 2**64 - 1):  # the config's extremes
+        torch.Generator().manual_seed(mask_seed(seed, 3, 10**6))
 
 
 def test_columns_split_streams_across_ranks():
-    import torch
-
     data = torch.arange(30).view(3, 10)
     parts = [columns(data, Group(rank, 4)) for rank in range(4)]
     assert torch.equal(torch.cat(parts, dim=1), data)

@@ -146,5 +146,6 @@ def wrap(model: nn.Module, group: Group, device: torch.device):
 
 def mask_seed(seed: int, rank: int, step: int) -> int:
     """Seed of the per-rank stream-mask generator at a step: distinct for every (rank, step),
-    and recomputed rather than saved, so a resumed run draws the same masks."""
-    return (seed * 1_000_003 + step) * 4_096 + rank
+    and recomputed rather than saved, so a resumed run draws the same masks. Taken modulo
+    2**64, so that any seed the config accepts gives one a generator accepts."""
+    return ((seed * 1_000_003 + step) * 4_096 + rank) % 2**64
