@@ -18,7 +18,6 @@ validation and the test evaluation come after it.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ from pathlib import Path
 
 from lstmlm.cache import cache_evaluate
 from lstmlm.checkpoint import load_run
+from lstmlm.cli import print_json
 from lstmlm.config import load_preset, parse_assignment
 from lstmlm.data import batchify, find_split_files, read_lines
 from lstmlm.datasets import resolve_data
@@ -53,6 +53,8 @@ def main() -> None:
     parser.add_argument("--cache", action="store_true",
                         help="also report the test perplexity with the cache pointer")
     args = parser.parse_args()
+    if not args.minutes > 0:  # max_minutes 0 would mean no limit
+        parser.error(f"--minutes must be above 0, got {args.minutes}")
     cfg = load_preset(args.preset)
     overrides = dict(parse_assignment(a) for a in args.set)
     overrides.update(data=args.data, max_minutes=args.minutes)
@@ -65,7 +67,7 @@ def main() -> None:
         if args.cache:
             summary["test_ppl_cache"] = cache_test_ppl(out)
     if args.json:
-        print(json.dumps(summary))
+        print_json(summary)  # a diverged run's inf as null
     else:
         print(f"{args.preset} on {args.data}, {args.minutes:g} minutes, {os.cpu_count()} CPUs: "
               f"{summary['epochs']} epochs, {summary['train_tokens_per_s']:,.0f} tokens/s | "

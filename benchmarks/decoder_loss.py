@@ -144,6 +144,8 @@ def main(argv=None) -> None:
                         help="time the loss alone under torch.no_grad(), as evaluation does")
     parser.add_argument("--child", nargs=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if min(args.reps, args.threads, *args.chunks) < 1:
+        parser.error("--reps, --threads and every --chunks value must be at least 1")
     torch.set_num_threads(args.threads)
     if not args.default_malloc:
         keep_freed_memory()

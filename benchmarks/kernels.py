@@ -171,6 +171,8 @@ def main(argv=None) -> None:
     p.add_argument("--reps", type=int, default=11, help="timed repetitions of each (default 11)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
     args = p.parse_args(argv)
+    if args.reps < 1 or (args.threads is not None and args.threads < 1):
+        p.error("--reps and --threads must be at least 1")
     if args.threads:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "

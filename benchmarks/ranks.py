@@ -24,17 +24,19 @@ import sys
 import tempfile
 from pathlib import Path
 
+from lstmlm.data import find_split_files
 from lstmlm.datasets import resolve_data
 from lstmlm.errors import LstmlmError
 
 
 def small_eval_copy(data: Path, folder: Path) -> Path:
     """The corpus with its full training split and short validation and test splits."""
+    files = find_split_files(data)  # train.txt ... or wiki.train.tokens ...
     folder.mkdir()
-    (folder / "train.txt").symlink_to((data / "train.txt").resolve())
+    (folder / "train.txt").symlink_to(files["train"].resolve())
     for split in ("valid", "test"):
         lines, tokens = [], 0
-        with open(data / f"{split}.txt", encoding="utf-8") as f:
+        with open(files[split], encoding="utf-8") as f:
             for line in f:
                 lines.append(line)
                 tokens += len(line.split()) + 1
@@ -68,6 +70,8 @@ def main() -> None:
                         help="config override for every run")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     args = parser.parse_args()
+    if args.steps < 1 or min(args.ranks) < 1:  # --max-steps 0 would mean no limit
+        parser.error("--steps and every --ranks count must be at least 1")
     extra = [arg for assignment in args.set for arg in ("--set", assignment)]
     with tempfile.TemporaryDirectory() as tmp:
         data = small_eval_copy(resolve_data(args.data), Path(tmp) / "data")

@@ -39,6 +39,7 @@ def test_throughput_against_another_source_tree(tiny_corpus, tmp_path):
     import shutil
 
     other = tmp_path / "other" / "src"
+    # (With the adaptive softmax, whose FLOPs differ from the plain step's full softmax.)
     shutil.copytree(Path(__file__).resolve().parents[1] / "src" / "lstmlm", other / "lstmlm",
                     ignore=shutil.ignore_patterns("__pycache__"))
     mark = tmp_path / "imported"
@@ -46,7 +47,7 @@ def test_throughput_against_another_source_tree(tiny_corpus, tmp_path):
         f.write(f"\nopen({str(mark)!r}, 'w').close()\n")
     command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline", "--json",
                "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256"]
-    for assignment in TINY:
+    for assignment in TINY + ["softmax=adaptive", "adaptive_cutoffs=10"]:
         command += ["--set", assignment]
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(command + ["--against", str(other)], capture_output=True, text=True,
@@ -54,6 +55,11 @@ def test_throughput_against_another_source_tree(tiny_corpus, tmp_path):
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)
     assert mark.exists() and result["against"] == str(other.resolve())
+    assert result["forward_flops_per_token"] < result["plain_forward_flops_per_token"]
+    for prefix, flops in (("", "forward_flops_per_token"),
+                          ("plain_", "plain_forward_flops_per_token")):
+        assert result[f"{prefix}train_fraction_of_peak"] == pytest.approx(
+            result[f"{prefix}train_tokens_per_s"] * 3 * result[flops] / result["gemm_gflops"] / 1e9)
     assert result["against_train_tokens_per_s"] > 0 and result["ratio_to_against"] > 0
     done = subprocess.run(command + ["--against", str(tmp_path)], capture_output=True,
                           text=True, env=env, timeout=60)
@@ -84,7 +90,11 @@ def test_throughput_table(capsys):
 
 def test_ranks_json(tiny_corpus, tmp_path):
     script = SCRIPT.with_name("ranks.py")
-    command = [sys.executable, str(script), "--data", str(tiny_corpus), "--ranks", "1", "2",
+    wiki = tmp_path / "wiki"  # the corpus under WikiText's own file names
+    wiki.mkdir()
+    for split in ("train", "valid", "test"):
+        (wiki / f"wiki.{split}.tokens").write_text((tiny_corpus / f"{split}.txt").read_text())
+    command = [sys.executable, str(script), "--data", str(wiki), "--ranks", "1", "2",
                "--steps", "8", "--json", "--preset", "lstm-baseline"]
     for assignment in TINY:
         command += ["--set", assignment]
@@ -123,6 +133,18 @@ def test_budget_bad_preset_is_one_line():
                            "no-such-preset"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 1
     assert done.stderr.startswith("budget.py: error: ") and "Traceback" not in done.stderr
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("budget.py", ["--minutes", "0"], "--minutes must be above 0"),
+    ("ranks.py", ["--steps", "0"], "--steps and every --ranks count must be at least 1"),
+    ("kernels.py", ["--reps", "0"], "--reps and --threads must be at least 1"),
+    ("decoder_loss.py", ["--chunks", "0"], "every --chunks value must be at least 1"),
+])
+def test_counts_that_would_mean_no_limit_or_nothing_are_refused(script, args, message):
+    done = subprocess.run([sys.executable, str(SCRIPT.with_name(script)), *args],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
 
 
 def test_decoder_loss_scoring_runs():
