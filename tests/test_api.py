@@ -56,6 +56,7 @@ def test_generate_refuses_bad_arguments(lm):
         lm.generate("  ")
 
 
+@pytest.mark.filterwarnings("ignore:.*not in the vocabulary")  # unknown words on purpose
 def test_perplexity_is_finite_and_above_one(lm, sentences):
     for text in ["\n".join(sentences), sentences[0], "the zebra ate quinoa", ""]:
         ppl = lm.perplexity(text)
@@ -94,6 +95,7 @@ def perplexity_by_hand(lm, text: str) -> float:
     return math.exp(nll / len(ids))
 
 
+@pytest.mark.filterwarnings("ignore:.*not in the vocabulary")  # unknown words on purpose
 @pytest.mark.parametrize("text", [
     "the cat sat on the mat",
     "a dog ate my bone\nsome birds sang in trees",

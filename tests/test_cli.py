@@ -328,6 +328,7 @@ def test_evaluate_other_split_and_batch_size(capsys, tiny_run, tiny_corpus):
     result = json.loads(out)
     assert code == 0 and result["split"] == "valid" and result["batch_size"] == 1
     assert result["tokens"] == count_tokens(tiny_corpus / "valid.txt") - 1
+    assert result["tokens_left_out"] == 0
 
 
 def test_evaluate_text(capsys, tiny_run):
@@ -340,7 +341,13 @@ def test_evaluate_text(capsys, tiny_run):
 def test_evaluate_on_other_data(capsys, tiny_run, tmp_path):
     data = make_corpus(tmp_path / "data", test="the cat sat on the zebra\n" * 20)
     code, out, _ = run(capsys, "evaluate", tiny_run, "--data", data, "--json")
-    assert code == 0 and json.loads(out)["unknown_words"] == 20
+    result = json.loads(out)
+    assert code == 0 and result["unknown_words"] == 20
+    assert result["tokens"] + result["tokens_left_out"] == 7 * 20 - 1  # 6 words + <eos> a line
+    # The text output says both, not only --json.
+    code, out, _ = run(capsys, "evaluate", tiny_run, "--data", data, "--batch-size", "3")
+    assert code == 0 and out.rstrip().endswith(
+        "| 20 unknown words read as <unk> | 4 tokens left out at the streams' ends")
 
 
 @pytest.mark.parametrize("args, message", [
@@ -393,6 +400,14 @@ def test_generate_num_samples(capsys, tiny_run):
     assert headers == ["--- sample 1 ---", "--- sample 2 ---", "--- sample 3 ---"]
     texts = lstmlm.load(tiny_run).generate("a dog", max_tokens=6, num_samples=3, seed=1)
     assert out == "".join(f"--- sample {i + 1} ---\na dog {t}\n" for i, t in enumerate(texts))
+    # After a whole sentence a sample is likely to start a new line: no space before it.
+    prompt = "the cat sat on the mat"
+    code, out, _ = run(capsys, "generate", tiny_run, "--prompt", prompt, "--max-tokens", "6",
+                       "--num-samples", "3", "--seed", "2")
+    texts = lstmlm.load(tiny_run).generate(prompt, max_tokens=6, num_samples=3, seed=2)
+    assert any(t.startswith("\n") for t in texts)
+    assert out == "".join(f"--- sample {i + 1} ---\n{prompt}{'' if t[0] == chr(10) else ' '}{t}\n"
+                          for i, t in enumerate(texts))
 
 
 def test_generate_greedy(capsys, tiny_run):

@@ -101,6 +101,20 @@ def test_a_tiny_temperature_samples_the_greedy_continuation(lm, temperature):
     assert lm.generate("the cat", max_tokens=12, temperature=temperature, seed=1) == greedy
 
 
+def test_a_prompt_is_read_as_score_reads_a_text(lm):
+    # log p(next word | prompt) in generation equals what score gives that word after it.
+    steps = sample(lm.model, encode_prompt(lm.vocab, "the cat")[0], 1, temperature=0)
+    next_id = next(steps).item()
+    with torch.no_grad():
+        ids = torch.tensor(encode_prompt(lm.vocab, "the cat")[0]).unsqueeze(1)
+        logits, _ = lm.model(ids, lm.model.init_hidden(1))
+        probs = torch.log_softmax(logits[-1, 0], -1)
+    word = lm.vocab.words[next_id]
+    scored = lm.score(["the cat " + word], per_token=True)[0]["per_token"]
+    assert scored[2]["token"] == word
+    assert scored[2]["logprob"] == pytest.approx(probs[next_id].item(), abs=1e-5)
+
+
 def test_greedy_ignores_the_seed(lm):
     texts = {lm.generate("a dog", max_tokens=10, temperature=0, seed=s) for s in range(3)}
     assert len(texts) == 1
@@ -159,18 +173,19 @@ def test_samples_of_a_batch_match_greedy_when_greedy(lm):
 
 def test_prompt_spanning_lines_encodes_eos(lm):
     v = lm.vocab
+    eos = v.eos_id  # first: the prompt starts a line, as score reads a text
     ids, unknown = encode_prompt(v, "the cat\nsat on")
-    assert ids == [v.index["the"], v.index["cat"], v.eos_id, v.index["sat"], v.index["on"]]
+    assert ids == [eos, v.index["the"], v.index["cat"], eos, v.index["sat"], v.index["on"]]
     assert unknown == []
     ids, _ = encode_prompt(v, "the cat\n")  # a final newline ends the line: the model saw <eos>
-    assert ids == [v.index["the"], v.index["cat"], v.eos_id]
+    assert ids == [eos, v.index["the"], v.index["cat"], eos]
     ids, _ = encode_prompt(v, "a dog\n\nthe")  # an empty line is one more <eos>
-    assert ids == [v.index["a"], v.index["dog"], v.eos_id, v.eos_id, v.index["the"]]
+    assert ids == [eos, v.index["a"], v.index["dog"], eos, eos, v.index["the"]]
 
 
 def test_unknown_prompt_words_become_unk(lm):
     ids, unknown = encode_prompt(lm.vocab, "the zebra ate quinoa")
-    assert ids[1] == ids[3] == lm.vocab.unk_id
+    assert ids[2] == ids[4] == lm.vocab.unk_id
     assert unknown == ["zebra", "quinoa"]
     assert lm.vocab.words[lm.vocab.unk_id] == UNK
 

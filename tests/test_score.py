@@ -54,6 +54,7 @@ def test_continue_state_reads_the_lines_as_one_text(lm):
     assert lm.perplexity("\n".join(LINES)) == pytest.approx(math.exp(-total / tokens), rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*not in the vocabulary")  # unknown words on purpose
 def test_a_text_longer_than_a_chunk(lm):
     """Texts are read 1,024 tokens at a time: the prediction of each chunk's first token comes
     from the previous chunk's last output."""
@@ -74,6 +75,7 @@ def test_scores_under_the_adaptive_softmax(lm):
         assert r["logprob"] == pytest.approx(logprob_by_hand(adaptive, [line]), rel=1e-5)
 
 
+@pytest.mark.filterwarnings("ignore:.*not in the vocabulary")  # unknown words on purpose
 def test_per_token(lm):
     (r,) = lm.score(["the cat ate quinoa"], per_token=True)
     assert [t["token"] for t in r["per_token"]] == ["the", "cat", "ate", "quinoa", EOS]
@@ -83,9 +85,17 @@ def test_per_token(lm):
     assert r["logprob"] == pytest.approx(lm.score(["the cat ate <unk>"])[0]["logprob"])
 
 
+@pytest.mark.filterwarnings("ignore:.*not in the vocabulary")  # unknown words on purpose
 def test_perplexity_is_the_score_of_one_text(lm):
     for text in ["the cat sat", "a dog\nate", "", "the zebra\n"]:
         assert lm.perplexity(text) == lm.score([text])[0]["ppl"]
+
+
+def test_unknown_words_are_scored_as_unk_with_a_warning(lm):
+    with pytest.warns(UserWarning, match=r"^2 word\(s\) not in the vocabulary, scored as <unk>: "
+                                         r"zebra, quinoa$"):
+        results = lm.score(["the zebra sat", "on the quinoa"])
+    assert [r["tokens"] for r in results] == [4, 4]
 
 
 def test_score_wants_a_list(lm):
@@ -120,8 +130,9 @@ def test_prompts_are_sampled_as_one_batch(lm, monkeypatch):
 
     monkeypatch.setattr(type(lm.model), "forward", spy)
     lm.generate(PROMPTS, max_tokens=3, seed=0, num_samples=2)
-    # One forward per prompt length (2, 4, 1, 3 words), then one batch of 8 per step.
-    assert sorted(batches[:4]) == [(1, 1), (2, 1), (3, 1), (4, 1)]
+    # One forward per prompt length (2, 4, 1, 3 words, each after an <eos>), then one batch
+    # of 8 per step.
+    assert sorted(batches[:4]) == [(2, 1), (3, 1), (4, 1), (5, 1)]
     assert set(batches[4:]) == {(1, 8)}
 
 

@@ -26,9 +26,7 @@ class LanguageModel:
     def encode(self, prompt: str) -> list[int]:
         ids, unknown = encode_prompt(self.vocab, prompt)
         if unknown:
-            shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-            warnings.warn(f"{len(unknown)} prompt word(s) not in the vocabulary, read as <unk>: "
-                          f"{shown}", stacklevel=3)
+            warnings.warn(unknown_words(unknown, "prompt word(s)", "read"), stacklevel=3)
         return ids
 
     def generate(self, prompt: str | list[str], max_tokens: int = 50, temperature: float = 1.0,
@@ -65,6 +63,10 @@ class LanguageModel:
         """
         if isinstance(texts, str):
             raise LstmlmError("score takes a list of texts; for one text pass [text]")
+        unknown = [w for text in texts for line in split_lines(text) for w in line.split()
+                   if w not in self.vocab.index]
+        if unknown:
+            warnings.warn(unknown_words(unknown, "word(s)", "scored"), stacklevel=2)
         model = self.model.eval()
         eos = torch.tensor([[self.vocab.eos_id]], device=model.embedding.weight.device)
         fresh_features, _, fresh_hidden = model.features(eos, model.init_hidden(1))
@@ -104,6 +106,12 @@ class LanguageModel:
         """Perplexity of `text` (an `<eos>` after each line), starting from a fresh state
         after an `<eos>`, as if the text began a new line of the corpus."""
         return self.score([text])[0]["ppl"]
+
+
+def unknown_words(unknown: list[str], what: str, done: str) -> str:
+    """The warning for words the vocabulary lacks: how many, and the first five."""
+    shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
+    return f"{len(unknown)} {what} not in the vocabulary, {done} as <unk>: {shown}"
 
 
 def load(run_dir: str | Path) -> LanguageModel:

@@ -177,14 +177,22 @@ def cmd_evaluate(args) -> None:
         loss, tokens = evaluate(model, data, cfg.bptt)
         method = ""
     seconds = time.perf_counter() - start
+    # Each of the batch's streams ends with tokens that do not fill a row, as in the reference
+    # code; on a long split and a small batch, a handful.
+    left_out = len(ids) - 1 - tokens
     result.update({"loss": loss, "ppl": perplexity(loss), "tokens": tokens,
-                   "unknown_words": unknown, "batch_size": batch_size,
-                   "data": str(files[args.split]), "seconds": round(seconds, 1)})
+                   "tokens_left_out": left_out, "unknown_words": unknown,
+                   "batch_size": batch_size, "data": str(files[args.split]),
+                   "seconds": round(seconds, 1)})
     if args.json:
         print_json(result)
-    else:
-        print(f"{args.split}: loss {loss:.4f} | perplexity {perplexity(loss):.2f} | "
-              f"{tokens:,} tokens (batch size {batch_size}{method}) | {seconds:.1f} s")
+        return
+    notes = [f"{n:,} {what}" for n, what in ((unknown, "unknown words read as <unk>"),
+                                             (left_out, "tokens left out at the streams' ends"))
+             if n]
+    print(f"{args.split}: loss {loss:.4f} | perplexity {perplexity(loss):.2f} | "
+          f"{tokens:,} tokens (batch size {batch_size}{method}) | {seconds:.1f} s"
+          + "".join(f" | {note}" for note in notes))
 
 
 def read_input(source: str) -> str:
@@ -205,10 +213,6 @@ def cmd_score(args) -> None:
 
     lm = load(args.run_dir)
     lines = split_lines(read_input(args.file))
-    unknown = [w for line in lines for w in line.split() if w not in lm.vocab.index]
-    if unknown:
-        shown = ", ".join(unknown[:5]) + (", ..." if len(unknown) > 5 else "")
-        warnings.warn(f"{len(unknown)} word(s) not in the vocabulary, scored as <unk>: {shown}")
     results = lm.score(lines, continue_state=args.continue_state, per_token=args.per_token)
     logprob = sum(r["logprob"] for r in results)
     tokens = sum(r["tokens"] for r in results)
@@ -264,7 +268,8 @@ def cmd_generate(args) -> None:
     rows = torch.stack(list(steps), dim=1).tolist()
     for i, row in enumerate(rows):
         print(f"--- sample {i + 1} ---")
-        print(prompt + separator + detokenize(lm.vocab.decode(row)))
+        text = detokenize(lm.vocab.decode(row))
+        print(prompt + ("" if text.startswith("\n") else separator) + text)
 
 
 def cmd_ablate(args) -> None:

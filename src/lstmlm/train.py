@@ -607,8 +607,9 @@ def _corpus_of(run_dir: Path, cfg: Config, vocab_size: int) -> Corpus:
     corpus = load_corpus(resolve_data(cfg.data))
     if ckpt.read_vocab(run_dir, vocab_size).words != corpus.vocab.words:
         raise ckpt.RunDirError(
-            f"{run_dir} was trained with another vocabulary than {cfg.data} gives "
-            f"({vocab_size} vs {len(corpus.vocab)} words); use the run's original data")
+            f"{run_dir} was trained with another vocabulary than {cfg.data} gives (other "
+            f"words or another frequency order; {vocab_size} vs {len(corpus.vocab)} words); "
+            "use the run's original data")
     return corpus
 
 
