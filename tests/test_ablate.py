@@ -226,6 +226,13 @@ def test_sigint_stops_the_whole_plan(plan, tiny_corpus, tmp_path):
     assert (out / "awd" / ckpt.STATE).exists() and not (out / "wide").exists()
 
 
+def test_data_without_the_splits_stops_the_plan_before_it_starts(plan, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, _, stderr = ablate(capsys, plan, tmp_path / "empty", tmp_path / "out")
+    assert code == 1 and "missing the train split" in stderr and stderr.count("\n") == 1
+    assert not (tmp_path / "out").exists()
+
+
 # ---- plans ----------------------------------------------------------------------------------
 
 def test_shipped_plans():

@@ -347,7 +347,7 @@ def test_evaluate_on_other_data(capsys, tiny_run, tmp_path):
     # The text output says both, not only --json.
     code, out, _ = run(capsys, "evaluate", tiny_run, "--data", data, "--batch-size", "3")
     assert code == 0 and out.rstrip().endswith(
-        "| 20 unknown words read as <unk> | 4 tokens left out at the streams' ends")
+        "| 20 unknown words read as <unk> | 4 tokens not scored (batch split)")
 
 
 @pytest.mark.parametrize("args, message", [

@@ -67,9 +67,10 @@ def wikitext_slice(shared_data, tmp_path_factory):
 @pytest.fixture
 def two_threads():
     """Models at their real size use both cores (conftest sets one thread for the tiny ones)."""
+    before = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
-    torch.set_num_threads(1)
+    torch.set_num_threads(before)
 
 
 @pytest.mark.parametrize("name", PRESETS)

@@ -358,6 +358,12 @@ def test_finetune_writes_its_own_run(corpus, tmp_path):
     assert first < json.loads((base / ckpt.RESULTS).read_text())["best_valid_loss"] * 1.5
 
 
+def test_finetune_is_only_for_lstmlm_finetune(corpus, tmp_path):
+    with pytest.raises(ConfigError, match="finetune is set by `lstmlm finetune RUN`"):
+        run_training(tiny(corpus, finetune=True, max_steps=2), out=tmp_path / "run", quiet=True)
+    assert not (tmp_path / "run").exists()
+
+
 def test_finetune_of_an_adam_run_asks_for_sgd_and_averages_from_its_first_step(corpus, tmp_path):
     from lstmlm.train import run_finetune
 

@@ -32,6 +32,7 @@ from typing import NoReturn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_preset, read_toml
+from .data import find_split_files
 from .datasets import resolve_data
 from .errors import LstmlmError
 from .report import (PLAN_STATUS, REPORT_FILES, UNLIMITED_EPOCHS, collect_row, empty_row,
@@ -193,7 +194,7 @@ def run_plan(plan: str, out: Path, overrides: dict | None = None, quiet: bool = 
     overrides = common_overrides(overrides or {})
     configs = [run_config(run, overrides) for run in runs]
     for data in sorted({cfg.data for cfg in configs}):
-        resolve_data(data)
+        find_split_files(resolve_data(data))
     out = Path(out)
     for run, cfg in zip(runs, configs):
         check_run_dir(out / run.name, cfg)

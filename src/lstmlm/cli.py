@@ -151,7 +151,8 @@ def cmd_evaluate(args) -> None:
 
         if args.cache_search:
             valid = ids if args.split == "valid" else vocab.encode(read_lines(files["valid"]))[0]
-            grid = cache_search(model, batchify(valid, batch_size), cfg.bptt, args.cache_window)
+            grid = cache_search(model, batchify(valid, batch_size, str(files["valid"]),
+                                                "--batch-size"), cfg.bptt, args.cache_window)
             args.cache_theta, args.cache_lambda = grid[0]["theta"], grid[0]["lambda"]
             result["cache_search"] = [{**r, "ppl": perplexity(r["loss"])} for r in grid]
             if not args.json:
@@ -177,8 +178,8 @@ def cmd_evaluate(args) -> None:
         loss, tokens = evaluate(model, data, cfg.bptt)
         method = ""
     seconds = time.perf_counter() - start
-    # Each of the batch's streams ends with tokens that do not fill a row, as in the reference
-    # code; on a long split and a small batch, a handful.
+    # As in the reference code: each stream's first token is read but not predicted, and the
+    # tokens that do not fill a last row are left out; on a long split, a handful.
     left_out = len(ids) - 1 - tokens
     result.update({"loss": loss, "ppl": perplexity(loss), "tokens": tokens,
                    "tokens_left_out": left_out, "unknown_words": unknown,
@@ -188,7 +189,7 @@ def cmd_evaluate(args) -> None:
         print_json(result)
         return
     notes = [f"{n:,} {what}" for n, what in ((unknown, "unknown words read as <unk>"),
-                                             (left_out, "tokens left out at the streams' ends"))
+                                             (left_out, "tokens not scored (batch split)"))
              if n]
     print(f"{args.split}: loss {loss:.4f} | perplexity {perplexity(loss):.2f} | "
           f"{tokens:,} tokens (batch size {batch_size}{method}) | {seconds:.1f} s"

@@ -273,7 +273,8 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> Config:
     elif name.endswith(".toml") and Path(name).is_file():
         path = Path(name)
     elif name.endswith(".toml"):
-        raise ConfigError(f"preset file {name}: not found")
+        raise ConfigError(f"preset file {name}: not found; check the path (a base file is "
+                          "looked up beside the preset file that names it)")
     else:
         close = difflib.get_close_matches(name, files, n=1)
         hint = f"did you mean {close[0]}? " if close else ""

@@ -31,6 +31,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
+    """log_softmax over the last dimension, in fp32 when the logits are bf16/fp16: CPU autocast
+    leaves log_softmax in low precision, and the loss is to stay fp32."""
+    if logits.dtype in (torch.bfloat16, torch.float16):
+        logits = logits.float()
+    return torch.log_softmax(logits, -1)
+
+
 class AdaptiveSoftmax(nn.Module):
     def __init__(self, in_size: int, vocab_size: int, cutoffs: list[int], div_value: float,
                  embedding: nn.Parameter | None = None):
@@ -79,16 +87,14 @@ class AdaptiveSoftmax(nn.Module):
         (..., c1 + tails)."""
         words = F.linear(x, matrix, self.bias[: self.bounds[1]])
         clusters = F.linear(x, self.clusters, self.cluster_bias)
-        # In fp32 under autocast too (a no-op otherwise): CPU autocast leaves log_softmax in
-        # bf16, and the loss is to stay fp32.
-        return torch.log_softmax(torch.cat([words, clusters], -1).float(), -1)
+        return _log_softmax(torch.cat([words, clusters], -1))
 
     def tail(self, k: int, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         """Log-probabilities within tail cluster k (>= 1) of its words (`matrix`'s): (..., its
         size)."""
         lo, hi = self.bounds[k], self.bounds[k + 1]
         logits = F.linear(F.linear(x, self.projections[k - 1]), matrix, self.bias[lo:hi])
-        return torch.log_softmax(logits.float(), -1)
+        return _log_softmax(logits)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-probabilities over the vocabulary (..., vocab) of features (..., in_size)."""

@@ -206,6 +206,7 @@ class Trainer:
                 f"{self.cfg.data} has {self.corpus_tokens:,} training tokens, but the run was "
                 f"trained on {self.state.corpus_tokens:,}: not the same data; pass the run's "
                 "original data with --data")
+        self.state.corpus_tokens = self.corpus_tokens  # recorded from now on in older runs too
         ckpt.load_weights(self.model, {k[6:]: v.to(self.device) for k, v in tensors.items()
                                        if k.startswith("model.")}, source)
         optim_state: dict[int, dict] = {}
@@ -632,6 +633,9 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
     overrides = overrides or {}
     if resume is None:
         cfg.update(overrides)
+        if cfg.finetune:  # it needs a trained run's weights to start from
+            raise ConfigError("finetune is set by `lstmlm finetune RUN`, which starts from RUN's "
+                              "weights; to average from the start use ntasgd or average_from")
         corpus = load_corpus(resolve_data(cfg.data))
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
         if trainer.group.is_main:
@@ -643,8 +647,8 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
                     if getattr(cfg, k) != v and k not in RESUMABLE_OVERRIDES)
     if frozen:
         raise ConfigError(
-            f"cannot change {', '.join(frozen)} when resuming; only the budget and the place "
-            f"of the run and its data ({', '.join(RESUMABLE_OVERRIDES)}) can change")
+            f"cannot change {', '.join(frozen)} when resuming; only these can change: "
+            f"{', '.join(RESUMABLE_OVERRIDES)}")
     has_state = (run_dir / ckpt.STATE).is_file()
     if cfg.finetune and not has_state:
         raise ckpt.RunDirError(
@@ -671,7 +675,7 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     run_dir = Path(run_dir)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
     overrides = overrides or {}
-    if overrides.get("optimizer", cfg.optimizer) != "sgd":
+    if cfg.optimizer != "sgd" and "optimizer" not in overrides:
         raise ConfigError(
             f"{run_dir} was trained with {cfg.optimizer}, and fine-tuning averages SGD steps: "
             f"pass --set optimizer=sgd and an SGD --lr (awd-lstm's is 30)")
