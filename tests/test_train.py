@@ -384,7 +384,7 @@ def test_finetune_that_crashed_before_its_first_check_resumes_from_the_base(corp
 
     base = tmp_path / "base"
     run_training(tiny(corpus, **AWD, epochs=1, eval_interval=4), out=base, quiet=True)
-    finetune = {"epochs": 30, "lr": 10.0}
+    finetune = {"epochs": 30, "lr": 10.0, "max_steps": 40}
     straight = run_finetune(base, tmp_path / "straight", finetune, quiet=True)
 
     def crash(self, bar):
