@@ -1,6 +1,7 @@
 """`lstmlm report`: the comparison table and plots for any set of run directories."""
 
 import csv
+import math
 import shutil
 import sys
 
@@ -111,6 +112,29 @@ def test_markdown_cells_escape_a_bar_and_a_reference_without_test_ppl(two_runs, 
     assert rows[1].startswith("| a\\|b |")
     header_cells = markdown.splitlines()[4].count(" | ")
     assert all(row.replace("\\|", "").count(" | ") == header_cells for row in rows)
+
+
+def test_plots_fit_many_runs_long_names_and_a_diverged_run(monkeypatch, tmp_path):
+    import lstmlm.report as report_module
+
+    figures = []
+    monkeypatch.setattr(report_module, "_png", lambda fig, path: figures.append(fig))
+    rows = [{"name": f"run{i:02d}", "curve": [{"valid_ppl": 100.0 + i, "seconds": 60.0,
+                                              "epoch": 1.0}],
+             "test_ppl": 100.0 + i, "status": "finished", "reference": i == 0}
+            for i in range(30)]
+    rows[1]["name"] = "/home/someone/experiments/" * 4 + "runs/awd-lstm"  # 117 characters
+    rows[2]["test_ppl"] = math.inf
+    report_module.plot_curves(rows, tmp_path / "curves.png", "corpus", "budget")
+    report_module.plot_ablation(rows, tmp_path / "ablation.png", "corpus", "budget")
+    curves, ablation = figures
+    (legend,) = curves.legends
+    assert len(legend.get_texts()) == 30 and legend._ncols == 2  # 25 entries a column at most
+    names = [t.get_text() for t in legend.get_texts()] + [
+        t.get_text() for t in ablation.axes[0].get_xticklabels()]
+    assert max(len(n.removesuffix(" (reference)")) for n in names) == 40
+    assert "/home/someone/exper…iments/runs/awd-lstm" in names  # start and end kept
+    assert "diverged" in [t.get_text() for t in ablation.axes[0].texts]
 
 
 def test_techniques_follow_the_config():

@@ -228,6 +228,12 @@ def _png(fig, path: Path) -> None:
     atomic_write(path, buffer.getvalue())
 
 
+def _label(name: str, width: int = 40) -> str:
+    """A run's name for a plot: long ones (a path, when two runs share a folder name) keep
+    their start and end, so the figure is not all legend."""
+    return name if len(name) <= width else name[: width // 2 - 1] + "…" + name[-(width // 2):]
+
+
 def plot_curves(rows: list[dict], path: Path, corpus: str, budget: str) -> None:
     from matplotlib.figure import Figure  # the object API renders with Agg: no display needed
     from matplotlib.ticker import LogFormatter
@@ -240,7 +246,7 @@ def plot_curves(rows: list[dict], path: Path, corpus: str, budget: str) -> None:
             continue
         style = dict(marker="o", markersize=3, linewidth=2.5 if r.get("reference") else 1.3,
                      linestyle=("-", "--", ":")[i // 10 % 3],  # 10 colours, then new dashes
-                     label=r["name"] + (" (reference)" if r.get("reference") else ""))
+                     label=_label(r["name"]) + (" (reference)" if r.get("reference") else ""))
         ppl = [m["valid_ppl"] for m in points]
         by_time.plot([m.get("seconds", 0.0) / 60 for m in points], ppl, **style)
         by_epoch.plot([m.get("epoch", 0.0) for m in points], ppl, **style)
@@ -251,9 +257,9 @@ def plot_curves(rows: list[dict], path: Path, corpus: str, budget: str) -> None:
         ax.set_xlabel(xlabel)
         ax.grid(True, which="both", alpha=0.3)
     by_time.set_ylabel("validation perplexity (log scale)")
-    if by_time.lines:
+    if by_time.lines:  # a column for every 25 runs, so that all of them fit the height
         fig.legend(*by_time.get_legend_handles_labels(), loc="outside right upper",
-                   fontsize="small")
+                   fontsize="small", ncols=math.ceil(len(by_time.lines) / 25))
     fig.suptitle(f"Validation perplexity: {corpus}, {budget}")
     _png(fig, path)
 
@@ -267,14 +273,15 @@ def plot_ablation(rows: list[dict], path: Path, corpus: str, budget: str) -> Non
     heights = [r["test_ppl"] if _finite(r["test_ppl"]) else 0.0 for r in rows]
     colors = ["tab:orange" if r.get("reference") else "tab:blue" for r in rows]
     bars = ax.bar(x, heights, color=colors)
-    labels = [f"{r['test_ppl']:.1f}" if _finite(r["test_ppl"]) else r["status"] for r in rows]
+    labels = [f"{r['test_ppl']:.1f}" if _finite(r["test_ppl"]) else
+              "diverged" if r["test_ppl"] is not None else r["status"] for r in rows]
     ax.bar_label(bars, labels=labels, fontsize="small", padding=2)
     ref = next((r["test_ppl"] for r in rows if r.get("reference") and _finite(r["test_ppl"])),
                None)
     if ref:
         ax.axhline(ref, color="tab:orange", linestyle="--", linewidth=1, label="reference")
         ax.legend(loc="upper right", fontsize="small")
-    ax.set_xticks(list(x), [r["name"] for r in rows], rotation=30, ha="right")
+    ax.set_xticks(list(x), [_label(r["name"]) for r in rows], rotation=30, ha="right")
     ax.set_ylabel("test perplexity (best checkpoint)")
     ax.set_title(f"Test perplexity per run: {corpus}, {budget}")
     ax.margins(y=0.12)
