@@ -101,6 +101,8 @@ def test_batch_that_does_not_split_is_refused(tiny_corpus, tmp_path):
         capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"), timeout=300)
     assert proc.returncode != 0
     assert "batch_size 3 does not split evenly over 2 processes" in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "lstmlm: error:" in line]
+    assert len(errors) == 1 and errors[0].startswith("lstmlm: error: ")  # rank 0's, whole
 
 
 def children(pid: int) -> list[int]:

@@ -436,7 +436,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         args.func(args)
     except LstmlmError as e:
-        print(f"lstmlm: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank has the same error
+            sys.stderr.write(f"lstmlm: error: {e}\n")
         return 1
     except KeyboardInterrupt:
         print("lstmlm: interrupted", file=sys.stderr)

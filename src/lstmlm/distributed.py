@@ -139,9 +139,9 @@ def wrap(model: nn.Module, group: Group, device: torch.device):
     if not group.active:
         return model.loss
     with _signals_to_this_thread():
+        # The model has no buffers, so DDP's buffer broadcast (on by default) has nothing to do.
         return nn.parallel.DistributedDataParallel(
-            LossOf(model), device_ids=[device] if device.type == "cuda" else None,
-            broadcast_buffers=False)
+            LossOf(model), device_ids=[device] if device.type == "cuda" else None)
 
 
 def mask_seed(seed: int, rank: int, step: int) -> int:

@@ -271,11 +271,13 @@ class Trainer:
         cfg, failed, lr = self.cfg, self.state, self.lr
         rollbacks = failed.nan_rollbacks + 1
         if rollbacks > cfg.max_nan_retries:
+            kept = (f"{self.run_dir} keeps the last good checkpoint" if self.has_checkpoint else
+                    f"no checkpoint was saved in {self.run_dir} before that")
             raise DivergedError(
                 f"training diverged: {problem} after step {failed.step}, with "
                 f"{rollbacks - 1} rollback(s) to the last good state already used (lr now "
-                f"{lr:.3g}); {self.run_dir} keeps the last good checkpoint: start a new run with "
-                f"a lower --lr or a --clip, or resume with a larger --max-nan-retries")
+                f"{lr:.3g}); {kept}: start a new run with a lower --lr or a --clip, or resume "
+                f"with a larger --max-nan-retries")
         if self.has_checkpoint:
             self.load_state()
         else:
@@ -663,6 +665,9 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
         trainer.log(f"{run_dir} has no {ckpt.STATE} yet (stopped before its first checkpoint): "
                     "training from the start")
     trainer.trim_metrics()
+    if trainer.group.is_main:  # what a kill inside a write left behind (fileio.atomic_write)
+        for stale in run_dir.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
     trainer._write(lambda: ckpt.write_config(run_dir, cfg, vocab_size))
     return _train(trainer, corpus)
 
