@@ -84,7 +84,8 @@ class Config:
     min_lr: float = _f(0.0, "never decay the learning rate below this")
     ntasgd: bool = _f(False, "switch from SGD to averaged SGD when validation stops improving")
     nonmono: int = _f(5, "NT-ASGD: checks a new loss must beat (non-monotone interval)")
-    finetune: bool = _f(False, "averaged SGD from the start, stop when it stops improving")
+    finetune: bool = _f(False, "set by `lstmlm finetune`: averaged SGD from the start, stop "
+                              "when it stops improving")
     average_from: float = _f(0.0, "average the weights from this fraction of the run on (0: "
                              "never; 0.8: over its last fifth): validation, the saved model and "
                              "the test use the average")
