@@ -1,3 +1,4 @@
+import math
 import pytest
 
 from lstmlm.config import (Config, ConfigError, list_presets, load_preset, parse_assignment,
@@ -65,6 +66,8 @@ def test_missing_equals():
     ({"average_from": 0.8, "ntasgd": True}, "set only one"),
     ({"colour": 1}, "unknown config key"),
     ({"seed": 2**64}, "seed must be a 64-bit integer"),
+    ({"lr": math.inf}, "lr must be a finite number, got inf"),
+    ({"clip": math.inf}, "clip must be a finite number"),
 ])
 def test_impossible_configs(values, message):
     with pytest.raises(ConfigError, match=message):

@@ -223,6 +223,8 @@ def test_interrupt_leaves_nothing(server, tmp_path, monkeypatch):
 
 def test_resolve_data_errors(tmp_path):
     assert resolve_data(str(tmp_path)) == tmp_path  # an existing directory is used as is
+    with pytest.raises(LstmlmError, match="--data is empty"):
+        resolve_data("")
     with pytest.raises(LstmlmError, match=r"--data nope: no such directory.*wikitext-2, "
                                           r"wikitext-103, ptb"):
         resolve_data("nope")

@@ -214,6 +214,15 @@ def test_resume_finds_moved_data_but_refuses_other_data(corpus, tmp_path):
     assert ckpt.read_run_config(tmp_path / "run")[0].data == str(moved)
 
 
+def test_a_data_directory_is_recorded_as_an_absolute_path(corpus, tmp_path, monkeypatch):
+    monkeypatch.chdir(corpus.parent)
+    run_training(tiny(corpus, data=corpus.name, max_steps=2), out=tmp_path / "run", quiet=True)
+    monkeypatch.chdir(tmp_path / "run")  # elsewhere: the run still finds its data
+    assert ckpt.read_run_config(tmp_path / "run")[0].data == str(corpus.resolve())
+    assert run_training(resume=tmp_path / "run", overrides={"max_steps": 3},
+                        quiet=True)["steps"] == 3
+
+
 def test_existing_run_is_not_overwritten(corpus, tmp_path):
     run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=True)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}
@@ -372,6 +381,8 @@ def test_finetune_of_an_adam_run_asks_for_sgd_and_averages_from_its_first_step(c
                  quiet=True)
     with pytest.raises(ConfigError, match="trained with adam.*pass --set optimizer=sgd"):
         run_finetune(base, quiet=True)
+    with pytest.raises(ConfigError, match="lstmlm finetune always fine-tunes"):
+        run_finetune(base, overrides={"finetune": False, "optimizer": "sgd"}, quiet=True)
     results = run_finetune(base, overrides={"optimizer": "sgd", "lr": 1.0}, quiet=True)
     cfg, _ = ckpt.read_run_config(tmp_path / "base-finetune")
     assert cfg.optimizer == "sgd" and cfg.average_from == 0 and cfg.finetune

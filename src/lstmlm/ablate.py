@@ -33,7 +33,7 @@ from typing import NoReturn
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, load_preset, read_toml
 from .data import find_split_files
-from .datasets import resolve_data
+from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
 from .report import (PLAN_STATUS, REPORT_FILES, UNLIMITED_EPOCHS, collect_row, empty_row,
                      make_dir, read_results, status_of, write_report)
@@ -135,6 +135,7 @@ def run_config(run: PlanRun, overrides: dict) -> Config:
     """The run's preset, then its plan overrides, then those every run shares."""
     cfg = load_preset(run.preset)
     cfg.update({**run.overrides, **overrides}, source=f"run {run.name}")
+    cfg.data = recorded_data(cfg.data)  # as the run directory records it
     return cfg
 
 

@@ -52,7 +52,8 @@ class Config:
     dropout_input: float = _f(0.2, "dropout on the embedding output")
     dropout_hidden: float = _f(0.2, "dropout between LSTM layers")
     dropout_output: float = _f(0.2, "dropout on the last LSTM layer's output, before the decoder")
-    last_hidden_size: int = _f(0, "size of the last LSTM layer (0: hidden_size)")
+    last_hidden_size: int = _f(0, "size of the last LSTM layer (0: hidden_size); with one "
+                                  "layer, that layer's size")
     softmax: str = _f("full", "full, or adaptive: frequent words in a small head softmax, rare "
                               "ones in tail clusters computed only when needed")
     adaptive_cutoffs: str = _f("2000,10000", "adaptive softmax: comma-separated word ids where "
@@ -71,7 +72,7 @@ class Config:
     # optimization
     optimizer: str = _f("sgd", "sgd, adam or adamw")
     lr: float = _f(0.5, "learning rate")
-    momentum: float = _f(0.0, "SGD momentum")
+    momentum: float = _f(0.0, "SGD momentum (Adam and AdamW do not use it)")
     weight_decay: float = _f(1e-6, "L2 penalty (decoupled for adamw)")
     clip: float = _f(5.0, "clip the global gradient norm to this value (0: no clipping)")
     lr_schedule: str = _f("plateau", "plateau: divide the lr by lr_decay when validation stops "
@@ -95,12 +96,14 @@ class Config:
     max_minutes: float = _f(0.0, "stop after this many minutes of training (0: no limit)")
     eval_interval: int = _f(0, "validate every N steps (0: once per epoch)")
     eval_minutes: float = _f(0.0, "also validate every N minutes of training time (0: off)")
-    checkpoint_minutes: float = _f(10.0, "also save a resumable checkpoint every N minutes")
+    checkpoint_minutes: float = _f(10.0, "also save a resumable checkpoint every N minutes "
+                                   "(0: off)")
     checkpoint_steps: int = _f(0, "also save a resumable checkpoint every N steps (0: off)")
     nan_lr_factor: float = _f(0.5, "on a non-finite loss or gradient, roll back to the last "
                                    "checkpoint and multiply the learning rate by this")
     max_nan_retries: int = _f(3, "rollbacks for non-finite losses allowed before giving up")
-    seed: int = _f(1111, "random seed (same seed, same numbers on the same machine)")
+    seed: int = _f(1111, "random seed (same seed, same numbers on the same machine; torch "
+                         "uses its low 32 bits)")
     device: str = _f("cpu", "cpu, cuda or auto")
     precision: str = _f("fp32", "fp32, bf16 or fp16: autocast for the model's matrix products "
                                 "(weights, losses and AR/TAR stay fp32; fp16 scales the loss)")
@@ -148,6 +151,9 @@ class Config:
                      "embedding_size", "hidden_size", "num_layers", "epochs"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         need(fits_a_seed(self.seed), f"seed must be a 64-bit integer, got {self.seed}")
+        for name, value in dataclasses.asdict(self).items():  # inf would pass the range checks
+            need(not isinstance(value, float) or math.isfinite(value),
+                 f"{name} must be a finite number, got {value}")
         for name in ("dropout_input", "dropout_hidden", "dropout_output", "dropout_embedding",
                      "weight_drop"):
             p = getattr(self, name)

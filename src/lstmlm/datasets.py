@@ -99,8 +99,18 @@ def _is_complete(directory: Path) -> bool:
     return True
 
 
+def recorded_data(spec: str) -> str:
+    """What a run records as its data: an existing directory as an absolute path, so that the
+    run can be evaluated or resumed from any folder; a dataset name as it is."""
+    path = Path(spec).expanduser()
+    return str(path.resolve()) if spec and path.is_dir() else spec
+
+
 def resolve_data(spec: str) -> Path:
     """The data directory that `--data spec` names, downloading a named dataset if needed."""
+    if not spec.strip():
+        raise LstmlmError("--data is empty; pass a data directory or a dataset name "
+                          f"({', '.join(DATASETS)})")
     path = Path(spec).expanduser()
     if path.is_dir():
         return path

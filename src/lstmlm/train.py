@@ -32,7 +32,7 @@ from . import distributed
 from .allocator import keep_freed_memory
 from .config import Config, ConfigError
 from .data import Corpus, batchify, get_batch, load_corpus
-from .datasets import resolve_data
+from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
 from .evaluate import evaluate, perplexity
 from .fileio import atomic_write
@@ -99,6 +99,7 @@ class Trainer:
     def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, quiet: bool = False):
         self.cfg, self.run_dir = cfg, Path(run_dir)
         keep_freed_memory()
+        cfg.data = recorded_data(cfg.data)  # what config.json will say
         self.group, self.device = distributed.join(pick_device(cfg.device))
         self.quiet = quiet or not self.group.is_main
         if cfg.precision == "fp16" and self.device.type != "cuda":
@@ -680,6 +681,8 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     run_dir = Path(run_dir)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
     overrides = overrides or {}
+    if "finetune" in overrides:
+        raise ConfigError("lstmlm finetune always fine-tunes; drop --finetune")
     if cfg.optimizer != "sgd" and "optimizer" not in overrides:
         raise ConfigError(
             f"{run_dir} was trained with {cfg.optimizer}, and fine-tuning averages SGD steps: "
