@@ -161,7 +161,7 @@ def test_checkpoint_round_trip_keeps_the_tie(tmp_path):
     ({"adaptive_cutoffs": "10000,2000"}, "adaptive_cutoffs must be increasing"),
     ({"adaptive_cutoffs": "0,10"}, "adaptive_cutoffs must be increasing word ids >= 1"),
     ({"adaptive_div_value": 0.5}, "adaptive_div_value must be >= 1"),
-    ({"adaptive_div_value": math.nan}, "adaptive_div_value must be >= 1"),
+    ({"adaptive_div_value": math.nan}, "adaptive_div_value must be a finite number"),
 ])
 def test_impossible_settings(values, message):
     with pytest.raises(ConfigError, match=message):

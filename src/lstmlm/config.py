@@ -187,8 +187,8 @@ class Config:
         cutoffs = self.cutoffs
         need(cutoffs[0] >= 1 and all(a < b for a, b in zip(cutoffs, cutoffs[1:])),
              f"adaptive_cutoffs must be increasing word ids >= 1, got {self.adaptive_cutoffs!r}")
-        need(1 <= self.adaptive_div_value < math.inf,
-             f"adaptive_div_value must be >= 1 and finite, got {self.adaptive_div_value}")
+        need(self.adaptive_div_value >= 1,
+             f"adaptive_div_value must be >= 1, got {self.adaptive_div_value}")
         need(self.device in ("cpu", "cuda", "auto"),
              f"device must be cpu, cuda or auto, got {self.device!r}")
         need(self.precision in ("fp32", "bf16", "fp16"),
