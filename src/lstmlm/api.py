@@ -63,8 +63,9 @@ class LanguageModel:
         """
         if isinstance(texts, str):
             raise LstmlmError("score takes a list of texts; for one text pass [text]")
-        unknown = [w for text in texts for line in split_lines(text) for w in line.split()
-                   if w not in self.vocab.index]
+        word_lists = [[w for line in split_lines(text) for w in line.split() + [EOS]]
+                      for text in texts]
+        unknown = [w for words in word_lists for w in words if w not in self.vocab.index]
         if unknown:
             warnings.warn(unknown_words(unknown, "word(s)", "scored"), stacklevel=2)
         model = self.model.eval()
@@ -72,8 +73,7 @@ class LanguageModel:
         fresh_features, _, fresh_hidden = model.features(eos, model.init_hidden(1))
         features, hidden = fresh_features[-1], fresh_hidden
         results = []
-        for text in texts:
-            words = [w for line in split_lines(text) for w in line.split() + [EOS]]
+        for text, words in zip(texts, word_lists):
             ids = torch.tensor([self.vocab.index.get(w, self.vocab.unk_id) for w in words],
                                device=eos.device)
             log_probs, next_features, next_hidden = self._read(ids, features, hidden)

@@ -130,9 +130,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.corpus_tokens = corpus.train.numel()
         self.state = TrainState(corpus_tokens=self.corpus_tokens)
-        self.average: WeightAverage | None = None
-        if cfg.finetune:
-            self.start_averaging()
+        self.average: WeightAverage | None = None  # fine-tuning: run_finetune starts it
         self.hidden: Hidden | None = None
         # A signal's name is pending until the next tick, which makes it the stop signal (on
         # every rank at once under DDP: the ranks must stop after the same step).
