@@ -367,6 +367,23 @@ def test_finetune_writes_its_own_run(corpus, tmp_path):
     assert first < json.loads((base / ckpt.RESULTS).read_text())["best_valid_loss"] * 1.5
 
 
+def test_finetune_that_never_beats_the_base_keeps_the_base_weights(corpus, tmp_path):
+    from lstmlm.train import run_finetune
+
+    base = tmp_path / "base"
+    run_training(tiny(corpus, **AWD, epochs=1, eval_interval=4), out=base, quiet=True)
+    base_best = json.loads((base / ckpt.RESULTS).read_text())["best_valid_loss"]
+    results = run_finetune(base, overrides={"lr": 1000.0, "max_steps": 4, "eval_interval": 2},
+                           quiet=True)
+    out = tmp_path / "base-finetune"
+    assert all(m["valid_loss"] > base_best and not m["best"] for m in metrics(out))
+    assert results["best_valid_loss"] == pytest.approx(base_best, rel=1e-6)
+    kept, _ = ckpt.read_tensors(out / ckpt.WEIGHTS)
+    base_weights, _ = ckpt.read_tensors(base / ckpt.WEIGHTS)
+    assert kept.keys() == base_weights.keys()
+    assert all(torch.equal(kept[name], base_weights[name]) for name in kept)
+
+
 def test_finetune_is_only_for_lstmlm_finetune(corpus, tmp_path):
     with pytest.raises(ConfigError, match="finetune is set by `lstmlm finetune RUN`"):
         run_training(tiny(corpus, finetune=True, max_steps=2), out=tmp_path / "run", quiet=True)

@@ -695,5 +695,11 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     trainer.start_averaging()
     if trainer.group.is_main:
         ckpt.create_run_dir(out, cfg, corpus.vocab)
+    # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
+    trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data)
+    trainer.model.train()
+    trainer._write(lambda: ckpt.write_tensors(out / ckpt.WEIGHTS,
+                                              ckpt.model_tensors(trainer.model)))
+    trainer.log(f"{run_dir}: valid ppl {perplexity(trainer.state.best_valid_loss):.2f} to beat")
     trainer.save_state()  # step 0: a resume starts from the base weights, not from a new model
     return _train(trainer, corpus)
