@@ -1,3 +1,7 @@
+import os
+import subprocess
+import sys
+
 import torch
 import pytest
 
@@ -78,6 +82,18 @@ def test_damaged_cache_is_rebuilt(tmp_path):
     (cache_file,) = (tmp_path / "cache" / "tokenized").iterdir()
     cache_file.write_bytes(b"junk")
     assert load_corpus(d).train.numel() == 3
+
+
+def test_a_cache_that_cannot_be_written_is_skipped(tmp_path):
+    """A full disk (here a file-size limit) costs the cache, not the run."""
+    d = write_corpus(tmp_path / "c", "a b c d e f g h\n" * 300, "a\n", "b\n")
+    script = ("import resource, sys; resource.setrlimit(resource.RLIMIT_FSIZE, (2000, 2000)); "
+              "from lstmlm.data import load_corpus; print(load_corpus(sys.argv[1]).train.numel())")
+    done = subprocess.run([sys.executable, "-c", script, str(d)], capture_output=True, text=True,
+                          env={**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")})
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split() == ["2700"]
+    assert list((tmp_path / "cache" / "tokenized").iterdir()) == []  # no partial file left
 
 
 @pytest.mark.parametrize("content, message", [

@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+import safetensors
+import safetensors.torch
 
 from .errors import LstmlmError
 from .fileio import atomic_write
@@ -197,15 +198,13 @@ def tokenize(files: dict[str, Path]) -> Corpus:
                   unknown={s: encoded[s][1] for s in SPLITS})
 
 
-def load_corpus(directory: Path, use_cache: bool = True) -> Corpus:
+def load_corpus(directory: Path) -> Corpus:
     """Tokenize a data directory, through a cache keyed by the files' sha256.
 
     The cache lives under `cache_root()/tokenized`; when it cannot be written (read-only home,
     full disk) the corpus is simply tokenized again next time.
     """
     files = find_split_files(directory)
-    if not use_cache:
-        return tokenize(files)
     cache_file = cache_root() / "tokenized" / f"{_files_digest(files)}.safetensors"
     if cache_file.is_file():
         try:
@@ -222,21 +221,16 @@ def _write_cache(path: Path, corpus: Corpus) -> None:
     meta = {"vocab": json.dumps(corpus.vocab.words), "unknown": json.dumps(corpus.unknown)}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        save_file(tensors, str(tmp), metadata=meta)
-        os.replace(tmp, path)
+        atomic_write(path, safetensors.torch.save(tensors, metadata=meta))
     except OSError:
         pass
 
 
 def _read_cache(path: Path) -> Corpus:
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
+    with safetensors.safe_open(str(path), framework="pt") as f:
         meta = f.metadata()
-    tensors = load_file(str(path))
-    return Corpus(Vocab(json.loads(meta["vocab"])), *(tensors[s] for s in SPLITS),
-                  unknown=json.loads(meta["unknown"]))
+        splits = [f.get_tensor(s) for s in SPLITS]
+    return Corpus(Vocab(json.loads(meta["vocab"])), *splits, unknown=json.loads(meta["unknown"]))
 
 
 def batchify(data: torch.Tensor, batch_size: int, what: str = "the split",
