@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import os
@@ -6,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -347,6 +349,15 @@ def test_resume_is_exact_with_every_awd_technique(corpus, tmp_path, stop_at):
     a = {m["step"]: m["valid_loss"] for m in metrics(tmp_path / "a")}
     b = {m["step"]: m["valid_loss"] for m in metrics(tmp_path / "b")}
     assert all(b[s] == pytest.approx(a[s], rel=1e-6) for s in a if s > stop_at)
+
+
+def test_a_run_leaves_the_callers_config_alone(corpus, tmp_path):
+    cfg = tiny(corpus, data=os.path.relpath(corpus), max_steps=2)
+    before = dataclasses.asdict(cfg)
+    run_training(cfg, out=tmp_path / "a", overrides={"lr": 3.0}, quiet=True)
+    assert dataclasses.asdict(cfg) == before
+    recorded, _ = ckpt.read_run_config(tmp_path / "a")
+    assert recorded.lr == 3.0 and recorded.data == str(Path(corpus).resolve())
 
 
 def test_finetune_writes_its_own_run(corpus, tmp_path):

@@ -97,9 +97,10 @@ def sample_seq_len(cfg: Config) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, quiet: bool = False):
-        self.cfg, self.run_dir = cfg, Path(run_dir)
+        # A copy, with the data as config.json will record it: the caller's config is theirs.
+        self.cfg = cfg = dataclasses.replace(cfg, data=recorded_data(cfg.data))
+        self.run_dir = Path(run_dir)
         keep_freed_memory()
-        cfg.data = recorded_data(cfg.data)  # what config.json will say
         self.group, self.device = distributed.join(pick_device(cfg.device))
         self.quiet = quiet or not self.group.is_main
         if cfg.precision == "fp16" and self.device.type != "cuda":
@@ -633,6 +634,7 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
     """
     overrides = overrides or {}
     if resume is None:
+        cfg = dataclasses.replace(cfg)
         cfg.update(overrides)
         if cfg.finetune:  # it needs a trained run's weights to start from
             raise ConfigError("finetune is set by `lstmlm finetune RUN`, which starts from RUN's "
@@ -640,7 +642,7 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
         corpus = load_corpus(resolve_data(cfg.data))
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
         if trainer.group.is_main:
-            ckpt.create_run_dir(Path(out), cfg, corpus.vocab)
+            ckpt.create_run_dir(Path(out), trainer.cfg, corpus.vocab)
         return _train(trainer, corpus)
     run_dir = Path(resume)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
@@ -667,7 +669,7 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
     if trainer.group.is_main:  # what a kill inside a write left behind (fileio.atomic_write)
         for stale in run_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    trainer._write(lambda: ckpt.write_config(run_dir, cfg, vocab_size))
+    trainer._write(lambda: ckpt.write_config(run_dir, trainer.cfg, vocab_size))
     return _train(trainer, corpus)
 
 
@@ -694,7 +696,7 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     ckpt.load_weights(trainer.model, ckpt.read_tensors(path)[0], path)
     trainer.start_averaging()
     if trainer.group.is_main:
-        ckpt.create_run_dir(out, cfg, corpus.vocab)
+        ckpt.create_run_dir(out, trainer.cfg, corpus.vocab)
     # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
     trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data)
     trainer.model.train()
