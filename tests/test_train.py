@@ -225,6 +225,21 @@ def test_a_data_directory_is_recorded_as_an_absolute_path(corpus, tmp_path, monk
                         quiet=True)["steps"] == 3
 
 
+def test_a_dataset_name_is_still_the_dataset_beside_a_folder_of_that_name(corpus, tmp_path,
+                                                                          monkeypatch):
+    from lstmlm.cli import main
+
+    shutil.copytree(corpus, tmp_path / "datasets" / "ptb")
+    monkeypatch.setenv("LSTMLM_DATA", str(tmp_path / "datasets"))
+    monkeypatch.chdir(tmp_path)
+    run_training(tiny(corpus, data="ptb", max_steps=2), out=Path("ptb"), quiet=True)
+    # ./ptb is now the run directory; the recorded name still means the dataset.
+    assert ckpt.read_run_config(tmp_path / "ptb")[0].data == "ptb"
+    assert run_training(resume=Path("ptb"), overrides={"max_steps": 3}, quiet=True)["steps"] == 3
+    assert ckpt.read_run_config(tmp_path / "ptb")[0].data == "ptb"
+    assert main(["evaluate", "ptb", "--split", "valid"]) == 0
+
+
 def test_existing_run_is_not_overwritten(corpus, tmp_path):
     run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=True)
     before = {p.name: p.read_bytes() for p in (tmp_path / "run").iterdir()}

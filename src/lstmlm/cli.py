@@ -133,7 +133,8 @@ def cmd_evaluate(args) -> None:
     check_evaluate_options(args)
     cache = args.cache or args.cache_search
     cfg, vocab, model = load_run(Path(args.run_dir))
-    files = find_split_files(resolve_data(args.data or cfg.data))
+    data = resolve_data(args.data) if args.data else resolve_data(cfg.data, recorded=True)
+    files = find_split_files(data)
     ids, unknown = vocab.encode(read_lines(files[args.split]))
     batch_size = args.batch_size
     if batch_size is None:  # not `or`: --batch-size 0 is a mistake, not the default

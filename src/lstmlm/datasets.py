@@ -106,11 +106,19 @@ def recorded_data(spec: str) -> str:
     return str(path.resolve()) if spec and path.is_dir() else spec
 
 
-def resolve_data(spec: str) -> Path:
-    """The data directory that `--data spec` names, downloading a named dataset if needed."""
+def resolve_data(spec: str, recorded: bool = False) -> Path:
+    """The data directory that `--data spec` names, downloading a named dataset if needed.
+
+    A `recorded` spec comes from a run's config.json, where directories are absolute paths, so
+    a bare dataset name there is the dataset even if the working directory has a folder of
+    that name (such as the run directory itself).
+    """
     if not spec.strip():
         raise LstmlmError("--data is empty; pass a data directory or a dataset name "
                           f"({', '.join(DATASETS)})")
+    if spec in DATASETS and (recorded or not Path(spec).exists()):
+        directory = data_root() / spec
+        return directory if _is_complete(directory) else download_dataset(spec)
     path = Path(spec).expanduser()
     if path.is_dir():
         return path
@@ -118,9 +126,6 @@ def resolve_data(spec: str) -> Path:
         raise LstmlmError(
             f"--data {spec}: is a file, not a directory; pass a directory holding "
             f"train.txt valid.txt test.txt, or a dataset name ({', '.join(DATASETS)})")
-    if spec in DATASETS:
-        directory = data_root() / spec
-        return directory if _is_complete(directory) else download_dataset(spec)
     raise LstmlmError(
         f"--data {spec}: no such directory, and not a known dataset name "
         f"({', '.join(DATASETS)}); pass a directory holding train.txt valid.txt test.txt")

@@ -97,9 +97,7 @@ def sample_seq_len(cfg: Config) -> int:
 
 class Trainer:
     def __init__(self, cfg: Config, corpus: Corpus, run_dir: Path, quiet: bool = False):
-        # A copy, with the data as config.json will record it: the caller's config is theirs.
-        self.cfg = cfg = dataclasses.replace(cfg, data=recorded_data(cfg.data))
-        self.run_dir = Path(run_dir)
+        self.cfg, self.run_dir = cfg, Path(run_dir)
         keep_freed_memory()
         self.group, self.device = distributed.join(pick_device(cfg.device))
         self.quiet = quiet or not self.group.is_main
@@ -607,7 +605,7 @@ class _StopOnSignal:
 
 def _corpus_of(run_dir: Path, cfg: Config, vocab_size: int) -> Corpus:
     """The corpus an existing run was trained on; refuses data with another vocabulary."""
-    corpus = load_corpus(resolve_data(cfg.data))
+    corpus = load_corpus(resolve_data(cfg.data, recorded=True))
     if ckpt.read_vocab(run_dir, vocab_size).words != corpus.vocab.words:
         raise ckpt.RunDirError(
             f"{run_dir} was trained with another vocabulary than {cfg.data} gives (other "
@@ -626,23 +624,32 @@ def _train(trainer: Trainer, corpus: Corpus) -> dict:
     return results
 
 
+def _recorded(overrides: dict | None) -> dict:
+    """Overrides with a `data` directory made absolute, as config.json records it."""
+    overrides = dict(overrides or {})
+    if "data" in overrides:
+        overrides["data"] = recorded_data(overrides["data"])
+    return overrides
+
+
 def run_training(cfg: Config | None = None, out: Path | None = None, resume: Path | None = None,
                  overrides: dict | None = None, quiet: bool = False) -> dict:
     """Start a new run in `out` with `cfg`, or continue the run in `resume`.
 
     On resume only the budget fields (RESUMABLE_OVERRIDES) may be overridden.
     """
-    overrides = overrides or {}
+    overrides = _recorded(overrides)
     if resume is None:
-        cfg = dataclasses.replace(cfg)
+        cfg = dataclasses.replace(cfg)  # the caller's config stays theirs
         cfg.update(overrides)
+        cfg.data = recorded_data(cfg.data)
         if cfg.finetune:  # it needs a trained run's weights to start from
             raise ConfigError("finetune is set by `lstmlm finetune RUN`, which starts from RUN's "
                               "weights; to average from the start use ntasgd or average_from")
         corpus = load_corpus(resolve_data(cfg.data))
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
         if trainer.group.is_main:
-            ckpt.create_run_dir(Path(out), trainer.cfg, corpus.vocab)
+            ckpt.create_run_dir(Path(out), cfg, corpus.vocab)
         return _train(trainer, corpus)
     run_dir = Path(resume)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
@@ -669,7 +676,7 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
     if trainer.group.is_main:  # what a kill inside a write left behind (fileio.atomic_write)
         for stale in run_dir.glob(".*.tmp"):
             stale.unlink(missing_ok=True)
-    trainer._write(lambda: ckpt.write_config(run_dir, trainer.cfg, vocab_size))
+    trainer._write(lambda: ckpt.write_config(run_dir, cfg, vocab_size))
     return _train(trainer, corpus)
 
 
@@ -680,7 +687,7 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     The base run is only read."""
     run_dir = Path(run_dir)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
-    overrides = overrides or {}
+    overrides = _recorded(overrides)
     if "finetune" in overrides:
         raise ConfigError("lstmlm finetune always fine-tunes; drop --finetune")
     if cfg.optimizer != "sgd" and "optimizer" not in overrides:
@@ -696,7 +703,7 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     ckpt.load_weights(trainer.model, ckpt.read_tensors(path)[0], path)
     trainer.start_averaging()
     if trainer.group.is_main:
-        ckpt.create_run_dir(out, trainer.cfg, corpus.vocab)
+        ckpt.create_run_dir(out, cfg, corpus.vocab)
     # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
     trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data)
     trainer.model.train()
