@@ -469,6 +469,27 @@ def test_argparse_errors_exit_2_with_one_line(capsys, argv):
     assert "--help" in lines[0]
 
 
+@pytest.mark.parametrize("argv, command", [
+    (["evaluate", "somewhere", "--bogus"], "evaluate"),
+    (["train", "--no-such-flag", "3"], "train"),
+    (["presets", "extra"], "presets"),
+])
+def test_an_unknown_flag_is_reported_by_its_command(capsys, argv, command):
+    with pytest.raises(SystemExit):
+        main(argv)
+    err = capsys.readouterr().err
+    assert err.startswith(f"lstmlm {command}: error: unrecognized arguments: ")
+    assert err.rstrip().endswith(f"(see lstmlm {command} --help)")
+
+
+def test_lstmlm_warnings_are_formatted_only_while_a_command_runs(capsys):
+    import warnings
+
+    before = warnings.formatwarning
+    assert main(["presets"]) == 0
+    assert warnings.formatwarning is before
+
+
 def test_the_console_script_prints_no_traceback(tmp_path):
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "lstmlm", "evaluate", "/nonexistent"],

@@ -1,4 +1,5 @@
-"""The `lstmlm` command: presets, train, evaluate, score, generate, export, ablate, report.
+"""The `lstmlm` command: presets, train, finetune, evaluate, score, export, generate, ablate,
+report.
 
 User mistakes end with one line on stderr (`lstmlm: error: ...`) and exit status 1, never a
 traceback; argparse's usage errors exit with 2.
@@ -305,7 +306,7 @@ def cmd_report(args) -> None:
 
 
 def build_parser() -> ArgumentParser:
-    parser = ArgumentParser(prog="lstmlm", description=__doc__.split("\n")[0])
+    parser = ArgumentParser(prog="lstmlm", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     p = sub.add_parser("presets", help="list the shipped presets")
@@ -427,12 +428,17 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--reference", metavar="RUN_DIR",
                    help="the run the others are compared with (default: the first)")
     p.set_defaults(func=cmd_report)
+    for p in sub.choices.values():  # so that an unknown flag is reported by its command
+        p.set_defaults(command_parser=p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args, unknown = build_parser().parse_known_args(argv)
+    if unknown:
+        args.command_parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     keep_freed_memory()
+    format_warning = warnings.formatwarning
     warnings.formatwarning = lambda message, *rest, **kw: f"lstmlm: warning: {message}\n"
     try:
         args.func(args)
@@ -453,6 +459,8 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lstmlm presets | head -1`: the reader has gone, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
         return 141
+    finally:
+        warnings.formatwarning = format_warning
     return 0
 
 
