@@ -77,7 +77,8 @@ from lstmlm.data import batchify, get_batch, load_corpus
 from lstmlm.datasets import resolve_data
 from lstmlm.evaluate import evaluate
 from lstmlm.fused import CHUNK_ROWS
-from lstmlm.train import Trainer, pick_device
+from lstmlm.model import pick_device
+from lstmlm.train import Trainer
 
 PRESETS = ("lstm-baseline", "awd-lstm", "awd-lstm-cpu")
 TRAIN_WINDOW_GFLOP = 150.0  # default work per training window

@@ -56,6 +56,56 @@ def test_generate_refuses_bad_arguments(lm):
         lm.generate("  ")
 
 
+@pytest.mark.parametrize("call, message", [
+    (lambda lm: lm.generate(5), "prompt must be a string or a list of strings, got int"),
+    (lambda lm: lm.generate(["the", 1]), "a prompt must be a string, got int"),
+    (lambda lm: lm.generate(b"the"), "prompt must be a string or a list of strings, got bytes"),
+    (lambda lm: lm.generate("the", temperature="1"), "temperature must be a number"),
+    (lambda lm: lm.generate("the", top_p="0.5"), "top-p must be a number"),
+    (lambda lm: lm.score([5]), "a text must be a string, got int"),
+    (lambda lm: lm.perplexity(None), "a text must be a string, got NoneType"),
+])
+def test_arguments_of_the_wrong_type_get_one_clear_error(lm, call, message):
+    with pytest.raises(LstmlmError, match=message):
+        call(lm)
+
+
+def test_score_takes_any_iterable_of_texts(lm):
+    texts = ["the cat", "a dog"]
+    assert lm.score(t for t in texts) == lm.score(texts)
+    assert lm.score(tuple(texts)) == lm.score(texts)
+
+
+def test_unknown_word_warnings_point_at_the_callers_line(lm):
+    """So that a notebook shows the user's line, and `filterwarnings(module=...)` works."""
+    for call in (lambda: lm.score(["zzqx the"]), lambda: lm.perplexity("zzqx the"),
+                 lambda: lm.encode("zzqx the"), lambda: lm.generate("zzqx", max_tokens=1),
+                 lambda: lm.generate(["zzqx", "the"], max_tokens=1)):
+        with pytest.warns(UserWarning, match="not in the vocabulary") as caught:
+            call()
+        assert [w.filename for w in caught] == [__file__]
+
+
+def test_loading_leaves_the_callers_random_numbers_alone(tiny_run):
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    lstmlm.load(tiny_run)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_load_expands_the_home_directory_and_takes_a_device(tiny_run, monkeypatch):
+    monkeypatch.setenv("HOME", str(tiny_run.parent))
+    lm = lstmlm.load(f"~/{tiny_run.name}", device="auto")
+    assert lm.run_dir == tiny_run
+    assert lm.model.embedding.weight.device.type == ("cuda" if torch.cuda.is_available() else "cpu")
+    with pytest.raises(LstmlmError, match="device must be cpu, cuda or auto, got 'gpu'"):
+        lstmlm.load(tiny_run, device="gpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(LstmlmError, match="no CUDA GPU is available"):
+            lstmlm.load(tiny_run, device="cuda")
+
+
 @pytest.mark.filterwarnings("ignore:.*not in the vocabulary")  # unknown words on purpose
 def test_perplexity_is_finite_and_above_one(lm, sentences):
     for text in ["\n".join(sentences), sentences[0], "the zebra ate quinoa", ""]:

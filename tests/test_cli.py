@@ -10,6 +10,7 @@ from importlib import resources
 from pathlib import Path
 
 import pytest
+import torch
 
 import lstmlm
 from lstmlm.cli import main
@@ -336,6 +337,30 @@ def test_evaluate_text(capsys, tiny_run):
     assert code == 0 and err == ""
     assert out.startswith("valid: loss ") and "perplexity" in out
     assert len(out.splitlines()) == 1
+
+
+@pytest.mark.filterwarnings("ignore:.*not in the vocabulary")
+@pytest.mark.parametrize("argv", [
+    ["evaluate", "--split", "valid", "--json"],
+    ["evaluate", "--split", "valid", "--json", "--cache"],
+    ["evaluate", "--split", "valid", "--json", "--dynamic", "--dynamic-batches", "2"],
+    ["score", "--json"],
+    ["generate", "--prompt", "a b", "--max-tokens", "3", "--seed", "1"],
+])
+def test_inference_takes_a_device(capsys, tiny_run, tmp_path, argv):
+    command, *rest = argv
+    if command == "score":
+        (tmp_path / "text.txt").write_text("a b c\n")
+        rest.insert(0, tmp_path / "text.txt")
+    on_cpu = run(capsys, command, tiny_run, *rest)
+    on_auto = run(capsys, command, tiny_run, *rest, "--device", "auto")
+    assert on_cpu[0] == on_auto[0] == 0
+    if not torch.cuda.is_available():  # auto is the CPU here: the very same output
+        strip = (lambda out: {k: v for k, v in json.loads(out).items() if k != "seconds"}
+                 if "--json" in rest else out)
+        assert strip(on_auto[1]) == strip(on_cpu[1])
+        assert "no CUDA GPU is available" in user_error(capsys, command, tiny_run, *rest,
+                                                        "--device", "cuda")
 
 
 def test_evaluate_on_other_data(capsys, tiny_run, tmp_path):

@@ -18,16 +18,24 @@ from .generate import check_sampling, detokenize, encode_prompt, sample
 class LanguageModel:
     """A trained model with its vocabulary and config, ready for inference."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, device: str = "cpu"):
         keep_freed_memory()
-        self.run_dir = Path(run_dir)
-        self.config, self.vocab, self.model = load_run(self.run_dir)
+        self.run_dir = Path(run_dir).expanduser()
+        self.config, self.vocab, self.model = load_run(self.run_dir, device)
 
     def encode(self, prompt: str) -> list[int]:
-        ids, unknown = encode_prompt(self.vocab, prompt)
-        if unknown:
-            warnings.warn(unknown_words(unknown, "prompt word(s)", "read"), stacklevel=3)
+        """Token ids of a prompt, read as the start of a line (after `<eos>`)."""
+        (ids,) = self._encode([prompt])
         return ids
+
+    def _encode(self, prompts: list[str], stacklevel: int = 3) -> list[list[int]]:
+        """Ids of each prompt; one warning, pointing at the caller of the public method, for
+        all their unknown words."""
+        encoded = [encode_prompt(self.vocab, text_argument(p, "a prompt")) for p in prompts]
+        unknown = [w for _, words in encoded for w in words]
+        if unknown:
+            warnings.warn(unknown_words(unknown, "prompt word(s)", "read"), stacklevel=stacklevel)
+        return [ids for ids, _ in encoded]
 
     def generate(self, prompt: str | list[str], max_tokens: int = 50, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
@@ -39,11 +47,13 @@ class LanguageModel:
         in groups of equal length (an LSTM cannot left-pad without masking), then all the
         continuations are sampled as one batch."""
         check_sampling(max_tokens, temperature, top_k, top_p, num_samples, seed)
+        if not isinstance(prompt, (str, list, tuple)):
+            raise LstmlmError(f"prompt must be a string or a list of strings, got "
+                              f"{type(prompt).__name__}")
         prompts = [prompt] if isinstance(prompt, str) else list(prompt)
         if not prompts:
             raise LstmlmError("no prompts given; pass a string or a non-empty list of strings")
-        # map, not a comprehension: no extra frame, so encode's warning points at the caller
-        steps = list(sample(self.model, list(map(self.encode, prompts)), max_tokens,
+        steps = list(sample(self.model, self._encode(prompts), max_tokens,
                             temperature, top_k, top_p, num_samples, seed))
         ids = torch.stack(steps, dim=1).tolist()  # prompt-major: prompt 0's samples first
         texts = [detokenize(self.vocab.decode(row)) for row in ids]
@@ -51,7 +61,6 @@ class LanguageModel:
                    for i in range(0, len(texts), num_samples)]
         return answers[0] if isinstance(prompt, str) else answers
 
-    @torch.no_grad()
     def score(self, texts: list[str], continue_state: bool = False,
               per_token: bool = False) -> list[dict]:
         """Log-probability (natural log) of each text, every line of it ending with `<eos>`.
@@ -63,11 +72,18 @@ class LanguageModel:
         """
         if isinstance(texts, str):
             raise LstmlmError("score takes a list of texts; for one text pass [text]")
-        word_lists = [[w for line in split_lines(text) for w in line.split() + [EOS]]
-                      for text in texts]
+        return self._score(list(texts), continue_state, per_token)
+
+    @torch.no_grad()
+    def _score(self, texts: list[str], continue_state: bool = False, per_token: bool = False,
+               stacklevel: int = 4) -> list[dict]:
+        # stacklevel: the warning points at the caller of score or perplexity (this method's
+        # no_grad wrapper is a frame of its own).
+        word_lists = [[w for line in split_lines(text_argument(text, "a text"))
+                       for w in line.split() + [EOS]] for text in texts]
         unknown = [w for words in word_lists for w in words if w not in self.vocab.index]
         if unknown:
-            warnings.warn(unknown_words(unknown, "word(s)", "scored"), stacklevel=2)
+            warnings.warn(unknown_words(unknown, "word(s)", "scored"), stacklevel=stacklevel)
         model = self.model.eval()
         eos = torch.tensor([[self.vocab.eos_id]], device=model.embedding.weight.device)
         fresh_features, _, fresh_hidden = model.features(eos, model.init_hidden(1))
@@ -105,7 +121,7 @@ class LanguageModel:
     def perplexity(self, text: str) -> float:
         """Perplexity of `text` (an `<eos>` after each line), starting from a fresh state
         after an `<eos>`, as if the text began a new line of the corpus."""
-        return self.score([text])[0]["ppl"]
+        return self._score([text])[0]["ppl"]
 
 
 def unknown_words(unknown: list[str], what: str, done: str) -> str:
@@ -114,6 +130,13 @@ def unknown_words(unknown: list[str], what: str, done: str) -> str:
     return f"{len(unknown)} {what} not in the vocabulary, {done} as <unk>: {shown}"
 
 
-def load(run_dir: str | Path) -> LanguageModel:
-    """Load a run directory's best weights for generation and scoring."""
-    return LanguageModel(run_dir)
+def text_argument(value, what: str) -> str:
+    if not isinstance(value, str):
+        raise LstmlmError(f"{what} must be a string, got {type(value).__name__} {value!r:.40}")
+    return value
+
+
+def load(run_dir: str | Path, device: str = "cpu") -> LanguageModel:
+    """Load a run directory's best weights for generation and scoring, on `device` (cpu, cuda
+    or auto: cuda when there is one)."""
+    return LanguageModel(run_dir, device)

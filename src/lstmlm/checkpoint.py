@@ -27,7 +27,7 @@ from .config import Config, ConfigError
 from .data import Vocab
 from .errors import LstmlmError
 from .fileio import atomic_write
-from .model import LSTMLM
+from .model import LSTMLM, pick_device
 
 FORMAT_VERSION = 1
 CONFIG = "config.json"
@@ -150,15 +150,17 @@ def load_weights(model: LSTMLM, tensors: dict[str, torch.Tensor], source: Path) 
     model.load_state_dict(tensors, strict=False)  # strict would ask for the tied copy too
 
 
-def load_run(run_dir: Path) -> tuple[Config, Vocab, LSTMLM]:
-    """Config, vocabulary and model (best weights, eval mode, on CPU) of a run directory."""
-    run_dir = Path(run_dir)
+def load_run(run_dir: Path, device: str = "cpu") -> tuple[Config, Vocab, LSTMLM]:
+    """Config, vocabulary and model (best weights, eval mode, on `device`: cpu, cuda or auto)
+    of a run directory."""
+    run_dir = Path(run_dir).expanduser()
+    device = pick_device(device)
     cfg, vocab_size = read_run_config(run_dir)
     vocab = read_vocab(run_dir, vocab_size)
     path = run_dir / WEIGHTS
     if not path.is_file():
         raise RunDirError(f"{run_dir} has no {WEIGHTS} yet (training has not validated once)")
-    model = LSTMLM(cfg, vocab_size)
+    with torch.random.fork_rng(devices=[]):  # its random initial weights are overwritten
+        model = LSTMLM(cfg, vocab_size)
     load_weights(model, read_tensors(path)[0], path)
-    model.eval()
-    return cfg, vocab, model
+    return cfg, vocab, model.to(device).eval()

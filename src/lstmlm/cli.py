@@ -133,10 +133,11 @@ def cmd_evaluate(args) -> None:
 
     check_evaluate_options(args)
     cache = args.cache or args.cache_search
-    cfg, vocab, model = load_run(Path(args.run_dir))
+    cfg, vocab, model = load_run(Path(args.run_dir), args.device)
     data = resolve_data(args.data) if args.data else resolve_data(cfg.data, recorded=True)
     files = find_split_files(data)
     ids, unknown = vocab.encode(read_lines(files[args.split]))
+    ids = ids.to(model.embedding.weight.device)
     batch_size = args.batch_size
     if batch_size is None:  # not `or`: --batch-size 0 is a mistake, not the default
         if cache or args.dynamic:
@@ -152,7 +153,8 @@ def cmd_evaluate(args) -> None:
         from .cache import cache_evaluate, cache_search
 
         if args.cache_search:
-            valid = ids if args.split == "valid" else vocab.encode(read_lines(files["valid"]))[0]
+            valid = ids if args.split == "valid" else vocab.encode(
+                read_lines(files["valid"]))[0].to(ids.device)
             grid = cache_search(model, batchify(valid, batch_size, str(files["valid"]),
                                                 "--batch-size"), cfg.bptt, args.cache_window)
             args.cache_theta, args.cache_lambda = grid[0]["theta"], grid[0]["lambda"]
@@ -170,7 +172,7 @@ def cmd_evaluate(args) -> None:
     elif args.dynamic:
         from .dynamic import dynamic_evaluate
 
-        train = vocab.encode(read_lines(files["train"]))[0]
+        train = vocab.encode(read_lines(files["train"]))[0].to(ids.device)
         loss, tokens = dynamic_evaluate(model, data, train, args.dynamic_bptt, args.dynamic_lr,
                                         args.dynamic_decay, args.dynamic_batches)
         result["dynamic"] = {"lr": args.dynamic_lr, "decay": args.dynamic_decay,
@@ -214,7 +216,7 @@ def cmd_score(args) -> None:
     from .data import split_lines
     from .evaluate import perplexity
 
-    lm = load(args.run_dir)
+    lm = load(args.run_dir, args.device)
     lines = split_lines(read_input(args.file))
     results = lm.score(lines, continue_state=args.continue_state, per_token=args.per_token)
     logprob = sum(r["logprob"] for r in results)
@@ -249,7 +251,7 @@ def cmd_generate(args) -> None:
 
     check_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.num_samples,
                    args.seed)
-    lm = load(args.run_dir)
+    lm = load(args.run_dir, args.device)
     prompt_ids = lm.encode(args.prompt)
     steps = sample(lm.model, prompt_ids, args.max_tokens, args.temperature, args.top_k,
                    args.top_p, args.num_samples, args.seed)
@@ -305,6 +307,11 @@ def cmd_report(args) -> None:
         print("lstmlm: tables written; for the plots, pip install matplotlib", file=sys.stderr)
 
 
+def add_device_flag(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", choices=("cpu", "cuda", "auto"), default="cpu",
+                        help="where the model runs (auto: cuda when there is one)")
+
+
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lstmlm", description=" ".join(__doc__.split("\n\n")[0].split()))
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
@@ -339,6 +346,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--batch-size", type=int,
                    help="default: the run's valid/test batch size; 1 with --cache or --dynamic")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    add_device_flag(p)
     g = p.add_argument_group("continuous cache pointer")
     g.add_argument("--cache", action="store_true",
                    help="mix the model with a cache of its recent hidden states and next words")
@@ -378,6 +386,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--per-token", action="store_true", help="also each token's log-probability")
     p.add_argument("--continue-state", action="store_true",
                    help="carry the state from line to line instead of starting each line fresh")
+    add_device_flag(p)
     p.set_defaults(func=cmd_score)
 
     p = sub.add_parser(
@@ -401,6 +410,7 @@ def build_parser() -> ArgumentParser:
     p.add_argument("--top-p", type=float, default=1.0, help="1: off")
     p.add_argument("--seed", type=int, help="same seed, same text")
     p.add_argument("--num-samples", type=int, default=1, help="continuations, sampled as one batch")
+    add_device_flag(p)
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser(

@@ -19,7 +19,6 @@ import copy
 import math
 
 import torch
-import torch.nn.functional as F
 
 from .data import batchify, get_batch
 from .errors import LstmlmError
@@ -67,9 +66,9 @@ def gradient_rms(model: LSTMLM, train: torch.Tensor, bptt: int,
     batches = 0
     for i in range(0, train.size(0) - 1, bptt):
         inputs, targets = get_batch(train, i, bptt)
-        logits, hidden = model(inputs, detach(hidden))
+        loss, _, hidden = model.loss(inputs, targets, detach(hidden))
         model.zero_grad()
-        F.cross_entropy(logits.view(-1, logits.size(-1)), targets).backward()
+        loss.backward()
         for s, p in zip(squares, model.parameters()):
             s += p.grad ** 2
         batches += 1
@@ -104,8 +103,7 @@ def dynamic_evaluate(model: LSTMLM, data: torch.Tensor, train: torch.Tensor,
         total, tokens = 0.0, 0
         for i in range(0, data.size(0) - 1, bptt):
             inputs, targets = get_batch(data, i, bptt)
-            logits, hidden = model(inputs, detach(hidden))
-            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets)
+            loss, _, hidden = model.loss(inputs, targets, detach(hidden))
             total += loss.item() * targets.numel()  # scored before the step that learns from it
             tokens += targets.numel()
             model.zero_grad()

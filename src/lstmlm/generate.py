@@ -22,6 +22,9 @@ def check_sampling(max_tokens: int, temperature: float, top_k: int, top_p: float
     for name, value in integers.items():
         if not isinstance(value, int) or isinstance(value, bool):
             raise LstmlmError(f"{name} must be an integer, got {value!r}")
+    for name, value in {"temperature": temperature, "top-p": top_p}.items():
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise LstmlmError(f"{name} must be a number, got {value!r}")
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise LstmlmError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT:,}, got {max_tokens}")
     if not temperature >= 0:  # also refuses nan

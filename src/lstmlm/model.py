@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 from . import fused
-from .config import Config
+from .config import Config, ConfigError
 from .regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout,
                            locked_dropout)
 from .softmax import AdaptiveSoftmax
@@ -137,6 +137,17 @@ class LSTMLM(nn.Module):
             log_probs = fused.target_log_probs(flat, self.decoder.weight, self.decoder.bias,
                                                flat_targets)
         return log_probs.view(targets.shape)
+
+
+def pick_device(name: str) -> torch.device:
+    """cpu, cuda, or auto (cuda when there is one); a clear error for cuda without a GPU."""
+    if name not in ("cpu", "cuda", "auto"):
+        raise ConfigError(f"device must be cpu, cuda or auto, got {name!r}")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA GPU is available; use --device cpu")
+    return torch.device(name)
 
 
 def detach(hidden: Hidden) -> Hidden:

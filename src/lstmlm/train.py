@@ -36,7 +36,7 @@ from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
 from .evaluate import evaluate, perplexity
 from .fileio import atomic_write
-from .model import LSTMLM, Hidden, count_parameters, detach
+from .model import LSTMLM, Hidden, count_parameters, detach, pick_device
 from .optim import WeightAverage, clip_grad_norm, make_optimizer, nonmono_triggered
 
 # Fields a resumed run may change: its budget, where it runs, and where its data now is (the
@@ -75,14 +75,6 @@ class TrainState:
     converged: bool = False  # fine-tuning: the non-monotone trigger fired
     nan_rollbacks: int = 0  # rollbacks after non-finite numbers (each lowered the lr)
     corpus_tokens: int = 0  # tokens in the training split (0: not recorded, an older run)
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device cuda requested but no CUDA GPU is available; use --device cpu")
-    return torch.device(name)
 
 
 def sample_seq_len(cfg: Config) -> int:
