@@ -337,7 +337,7 @@ def test_variable_bptt_scales_the_step_lr(corpus, tmp_path):
         p.grad = torch.ones_like(p)
     trainer.step_optimizer(seq_len=15)  # bptt is 10: lr 0.5 * 15/10
     assert torch.allclose(before - param.detach(), torch.full_like(param, 0.75))
-    assert trainer.lr == 0.5  # the scaling lasts one step
+    assert trainer.base_lr == 0.5  # the scaling lasts one step
 
 
 def test_ntasgd_switches_and_validates_the_average(corpus, tmp_path):

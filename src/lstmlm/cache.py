@@ -43,7 +43,7 @@ def check_cache(window: int, theta: float, lambd: float) -> None:
 
 
 @torch.no_grad()
-def target_log_probs(model: LSTMLM, data: torch.Tensor, bptt: int, window: int,
+def model_and_cache_log_probs(model: LSTMLM, data: torch.Tensor, bptt: int, window: int,
                      thetas) -> tuple[torch.Tensor, torch.Tensor]:
     """log p_model and log p_cache (one row per theta) of every target of `data` (time, batch),
     flattened time-major as `evaluate` counts them. One pass over the data serves any number of
@@ -94,7 +94,7 @@ def cache_evaluate(model: LSTMLM, data: torch.Tensor, bptt: int, window: int = D
     token stream (batch 1, the reference setting). The hidden state is carried across windows,
     and the result does not depend on `bptt`."""
     check_cache(window, theta, lambd)
-    model_lp, cache_lp = target_log_probs(model, data, bptt, window, [theta])
+    model_lp, cache_lp = model_and_cache_log_probs(model, data, bptt, window, [theta])
     return mixture_loss(model_lp, cache_lp[0], lambd), model_lp.numel()
 
 
@@ -104,7 +104,7 @@ def cache_search(model: LSTMLM, data: torch.Tensor, bptt: int, window: int = DEF
     for theta in thetas:
         for lambd in lambdas:
             check_cache(window, theta, lambd)
-    model_lp, cache_lp = target_log_probs(model, data, bptt, window, thetas)
+    model_lp, cache_lp = model_and_cache_log_probs(model, data, bptt, window, thetas)
     grid = [{"theta": theta, "lambda": lambd, "loss": mixture_loss(model_lp, cache_lp[k], lambd)}
             for k, theta in enumerate(thetas) for lambd in lambdas]
     return sorted(grid, key=lambda r: r["loss"])

@@ -84,7 +84,8 @@ class Config:
     lr_patience: int = _f(0, "validations without improvement tolerated before decaying")
     min_lr: float = _f(0.0, "never decay the learning rate below this")
     ntasgd: bool = _f(False, "switch from SGD to averaged SGD when validation stops improving")
-    nonmono: int = _f(5, "NT-ASGD: checks a new loss must beat (non-monotone interval)")
+    nonmono: int = _f(5, "NT-ASGD: switch when a validation is worse than the best of those "
+                         "before the last N (non-monotone interval)")
     finetune: bool = _f(False, "set by `lstmlm finetune`: averaged SGD from the start, stop "
                               "when it stops improving")
     average_from: float = _f(0.0, "average the weights from this fraction of the run on (0: "

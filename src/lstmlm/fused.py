@@ -130,6 +130,7 @@ def _loss_and_grads(x, weight, bias, targets, chunk_rows, need):
     return -log_probs.mean(), [grad_x, grad_weight, grad_bias]
 
 
+@torch.no_grad()
 def target_log_probs(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
                      targets: torch.Tensor, chunk_rows: int = CHUNK_ROWS) -> torch.Tensor:
     """log p(target) for each row of x (N, in) under softmax(x W^T + b), without gradients.

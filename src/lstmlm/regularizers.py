@@ -1,6 +1,7 @@
 """AWD-LSTM's regularizers (Merity et al. 2017), each a plain function of tensors.
 
-All of them are identity functions (or zero) when not training, so evaluation is deterministic.
+The dropouts are identity functions when not training, and the model adds the AR/TAR penalty
+only in training, so evaluation is deterministic.
 """
 
 from __future__ import annotations

@@ -121,13 +121,17 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.precision == "fp16")
         self.corpus_tokens = corpus.train.numel()
         self.state = TrainState(corpus_tokens=self.corpus_tokens)
-        self.average: WeightAverage | None = None  # fine-tuning: run_finetune starts it
+        self.average: WeightAverage | None = None  # from NT-ASGD's switch or average_from
         self.hidden: Hidden | None = None
         # A signal's name is pending until the next tick, which makes it the stop signal (on
         # every rank at once under DDP: the ranks must stop after the same step).
         self.pending_signal: str | None = None
         self.stop_signal: str | None = None
         self.has_checkpoint = False  # whether state.safetensors holds this run's state
+        # Training time: `clock` is when state.seconds was last advanced, `saved_at` the
+        # state.seconds of the last checkpoint; tokens/s is measured over a window of steps.
+        self.clock, self.saved_at = time.monotonic(), 0.0
+        self.window_tokens, self.window_time = 0, 0.0
         self.initial: tuple[dict, dict] | None = None  # rollback target before the first save
 
     def start_averaging(self) -> None:
@@ -258,7 +262,7 @@ class Trainer:
     def roll_back(self, problem: str) -> None:
         """Return to the last checkpoint (or the starting state) with the lr times
         nan_lr_factor; a DivergedError once max_nan_retries rollbacks have been used."""
-        cfg, failed, lr = self.cfg, self.state, self.lr
+        cfg, failed, lr = self.cfg, self.state, self.base_lr
         rollbacks = failed.nan_rollbacks + 1
         if rollbacks > cfg.max_nan_retries:
             kept = (f"{self.run_dir} keeps the last good checkpoint" if self.has_checkpoint else
@@ -275,20 +279,22 @@ class Trainer:
         self.model.train()
         st = self.state
         st.nan_rollbacks, st.seconds = rollbacks, failed.seconds
-        self.lr = lr * cfg.nan_lr_factor
+        self.base_lr = lr * cfg.nan_lr_factor
         self.trim_metrics()
         self.log(f"step {failed.step}: {problem}; rolled back to step {st.step} with the lr "
-                 f"lowered to {self.lr:.3g} (rollback {rollbacks} of at most "
+                 f"lowered to {self.base_lr:.3g} (rollback {rollbacks} of at most "
                  f"{cfg.max_nan_retries})")
 
     # ---- validation -----------------------------------------------------------------------
 
     @property
-    def lr(self) -> float:
+    def base_lr(self) -> float:
+        """The lr the schedule starts from, held in the optimizer between steps: plateau decay
+        and rollbacks lower it; step_optimizer sets the scheduled lr for one step only."""
         return self.optimizer.param_groups[0]["lr"]
 
-    @lr.setter
-    def lr(self, value: float) -> None:
+    @base_lr.setter
+    def base_lr(self, value: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = value
 
@@ -359,7 +365,7 @@ class Trainer:
         st.bad_checks += 1
         if st.bad_checks > cfg.lr_patience and cfg.lr_decay > 1:
             # Never below min_lr, and never up to it (an lr below it stays where it is).
-            self.lr = max(self.lr / cfg.lr_decay, min(cfg.min_lr, self.lr))
+            self.base_lr = max(self.base_lr / cfg.lr_decay, min(cfg.min_lr, self.base_lr))
             st.bad_checks = 0
 
     # ---- the loop -------------------------------------------------------------------------
@@ -378,20 +384,21 @@ class Trainer:
         """The lr of the next step: under the cosine schedule, the base lr annealed toward
         min_lr by the run's progress, so a fixed budget ends at a low lr wherever it stops."""
         if self.cfg.lr_schedule != "cosine":
-            return self.lr
-        low = min(self.cfg.min_lr, self.lr)
-        return low + (self.lr - low) * 0.5 * (1 + math.cos(math.pi * self.progress()))
+            return self.base_lr
+        low = min(self.cfg.min_lr, self.base_lr)
+        return low + (self.base_lr - low) * 0.5 * (1 + math.cos(math.pi * self.progress()))
 
     def step_optimizer(self, seq_len: int) -> None:
         """One optimizer step at the scheduled lr; under variable BPTT the lr is scaled by
         seq_len / bptt for it."""
-        lr = self.lr
-        self.lr = self.scheduled_lr()
+        base_lr, step_lr = self.base_lr, self.scheduled_lr()
         if self.cfg.variable_bptt:
-            self.lr *= seq_len / self.cfg.bptt
+            step_lr *= seq_len / self.cfg.bptt
+        for group in self.optimizer.param_groups:
+            group["lr"] = step_lr
         self.scaler.step(self.optimizer)  # skipped when fp16 gradients overflowed
         self.scaler.update()
-        self.lr = lr
+        self.base_lr = base_lr
         if self.average:
             self.average.update()
 
