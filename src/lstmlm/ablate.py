@@ -22,16 +22,14 @@ The tables (see report.py) are rewritten after every run, the plots at the end.
 
 from __future__ import annotations
 
-import difflib
 import re
 import sys
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import NoReturn
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_preset, read_toml
+from .config import Config, ConfigError, did_you_mean, load_preset, packaged_tomls, read_toml
 from .data import find_split_files
 from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
@@ -54,15 +52,10 @@ class PlanRun:
     overrides: dict
 
 
-def _plan_files() -> dict[str, object]:
-    folder = resources.files("lstmlm") / "plans"
-    return {p.name[:-5]: p for p in folder.iterdir() if p.name.endswith(".toml")}
-
-
 def load_plan(spec: str) -> tuple[list[PlanRun], str]:
     """The runs and the reference run's name of a shipped plan (`seed`, `paper`) or a plan file.
     Every preset and override is checked here, so a typo fails before anything trains."""
-    files = _plan_files()
+    files = packaged_tomls("plans")
     if spec in files:
         path, folder = files[spec], None
     elif spec.endswith(".toml"):
@@ -71,9 +64,7 @@ def load_plan(spec: str) -> tuple[list[PlanRun], str]:
             raise PlanError(f"plan file {spec}: not found")
         folder = path.parent
     else:
-        close = difflib.get_close_matches(spec, files, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise PlanError(f"unknown plan {spec!r}: {hint}shipped plans are "
+        raise PlanError(f"unknown plan {spec!r}: {did_you_mean(spec, files)}shipped plans are "
                         f"{', '.join(sorted(files))}, or pass a .toml file")
     data = read_toml(path, f"plan {spec}", PlanError)
 

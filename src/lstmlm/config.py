@@ -199,10 +199,15 @@ class Config:
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
 
 
+def did_you_mean(name: str, choices) -> str:
+    """'did you mean X? ' for the closest of `choices`, or ''."""
+    close = difflib.get_close_matches(name, choices, n=1)
+    return f"did you mean {close[0]}? " if close else ""
+
+
 def _unknown_key(key: str, source: str) -> ConfigError:
-    close = difflib.get_close_matches(key, FIELDS, n=1)
-    hint = f" (did you mean {close[0]}?)" if close else " (see `lstmlm train --help`)"
-    return ConfigError(f"{source}: unknown config key {key!r}{hint}")
+    hint = did_you_mean(key, FIELDS) or "see `lstmlm train --help`"
+    return ConfigError(f"{source}: unknown config key {key!r} ({hint.rstrip()})")
 
 
 def coerce(key: str, value, source: str = "config"):
@@ -246,14 +251,16 @@ def parse_assignment(text: str) -> tuple[str, object]:
 
 # ---- presets --------------------------------------------------------------------------------
 
-def _preset_files() -> dict[str, object]:
-    folder = resources.files("lstmlm") / "presets"
-    return {p.name[:-5]: p for p in folder.iterdir() if p.name.endswith(".toml")}
+def packaged_tomls(folder: str) -> dict[str, object]:
+    """The .toml files shipped in lstmlm/FOLDER (presets, plans), by name."""
+    return {p.name[:-5]: p for p in (resources.files("lstmlm") / folder).iterdir()
+            if p.name.endswith(".toml")}
 
 
 def list_presets() -> list[tuple[str, str]]:
     """(name, description) of every shipped preset, sorted by name."""
-    return [(name, read_preset_file(path)[0]) for name, path in sorted(_preset_files().items())]
+    return [(name, read_preset_file(path)[0])
+            for name, path in sorted(packaged_tomls("presets").items())]
 
 
 def read_toml(path, label: str, error: type[LstmlmError] = ConfigError) -> dict:
@@ -275,7 +282,7 @@ def read_preset_file(path) -> tuple[str, dict]:
 def load_preset(name: str, _chain: tuple[str, ...] = ()) -> Config:
     """A shipped preset by name, or a TOML file given by path (`_chain`: the presets that
     lead to this one through `base`)."""
-    files = _preset_files()
+    files = packaged_tomls("presets")
     if name in files:
         path = files[name]
     elif name.endswith(".toml") and Path(name).is_file():
@@ -284,9 +291,8 @@ def load_preset(name: str, _chain: tuple[str, ...] = ()) -> Config:
         raise ConfigError(f"preset file {name}: not found; check the path (a base file is "
                           "looked up beside the preset file that names it)")
     else:
-        close = difflib.get_close_matches(name, files, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ConfigError(f"unknown preset {name!r}: {hint}`lstmlm presets` lists them")
+        raise ConfigError(f"unknown preset {name!r}: {did_you_mean(name, files)}`lstmlm presets` "
+                          "lists them")
     _, values = read_preset_file(path)
     base = values.pop("base", None)
     if base is not None and not (isinstance(base, str) and base):
