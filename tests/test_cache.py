@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lstmlm.cache import cache_evaluate, cache_search, check_cache
-from lstmlm.cli import main
+from tests.helpers import run
 from lstmlm.data import batchify, read_lines
 from lstmlm.errors import LstmlmError
 from lstmlm.evaluate import evaluate
@@ -102,11 +102,6 @@ def test_refuses_impossible_settings(window, theta, lambd, message):
 
 
 # ---- CLI --------------------------------------------------------------------------------------
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_evaluate_with_the_cache(capsys, tiny_run, tiny_corpus):

@@ -14,6 +14,7 @@ import torch
 
 import lstmlm
 from lstmlm.cli import main
+from tests.helpers import make_corpus, run, snapshot
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -23,8 +24,6 @@ else:  # pragma: no cover
 # Keeps `train` quick whenever it gets as far as building a model.
 SMALL = ["--embedding-size", "8", "--hidden-size", "8", "--num-layers", "1", "--batch-size", "2",
          "--bptt", "4", "--valid-batch-size", "1", "--test-batch-size", "1", "--epochs", "1"]
-GOOD_SPLITS = {"train": "a b c d\ne f a b\n" * 10, "valid": "a b c\n" * 5, "test": "d e f\n" * 5}
-
 
 
 @pytest.fixture(autouse=True)
@@ -32,11 +31,6 @@ def isolated(monkeypatch, tmp_path):
     """No cache in the home directory, and no default `runs/` beside the tests."""
     monkeypatch.chdir(tmp_path)
 
-
-def run(capsys, *argv) -> tuple[int, str, str]:
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def user_error(capsys, *argv) -> str:
@@ -49,24 +43,6 @@ def user_error(capsys, *argv) -> str:
     assert code == 1
     assert out == ""
     return lines[0]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def make_corpus(directory: Path, **splits) -> Path:
-    """A data directory with GOOD_SPLITS, except: split=None (no file) or split=bytes/str."""
-    directory.mkdir(parents=True, exist_ok=True)
-    for split, content in {**GOOD_SPLITS, **splits}.items():
-        if content is None:
-            continue
-        path = directory / f"{split}.txt"
-        if isinstance(content, str):
-            path.write_text(content, encoding="utf-8")
-        else:
-            path.write_bytes(content)
-    return directory
 
 
 @pytest.fixture

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lstmlm.cli import main
+from tests.helpers import run, snapshot
 from lstmlm.data import batchify, read_lines
 from lstmlm.dynamic import check_dynamic, dynamic_evaluate, gradient_rms
 from lstmlm.errors import LstmlmError
@@ -121,15 +121,6 @@ def test_refuses_impossible_settings(lr, decay, bptt, batches, message):
 
 
 # ---- CLI --------------------------------------------------------------------------------------
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
 
 
 def test_evaluate_dynamic_leaves_the_run_untouched(capsys, tiny_run, tmp_path):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from lstmlm.cli import main
+from tests.helpers import run
 from lstmlm.config import Config
 from lstmlm.export import export_model, state_names
 from lstmlm.model import LSTMLM
@@ -82,11 +82,6 @@ def test_onnx_matches_the_model(model, tmp_path):
 
 
 # ---- CLI --------------------------------------------------------------------------------------
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def test_export_a_run(capsys, lm, tiny_run, tmp_path):

@@ -27,6 +27,7 @@ from lstmlm.config import Config, load_preset
 from lstmlm.data import EOS, UNK
 from lstmlm.datasets import Dataset, DownloadError, download_dataset
 from lstmlm.train import DivergedError, Trainer, run_finetune, run_training
+from tests.helpers import make_corpus, snapshot
 
 SMALL = dict(embedding_size=16, hidden_size=16, num_layers=1, batch_size=4, bptt=8,
              valid_batch_size=2, test_batch_size=2, lr=1.0)
@@ -68,19 +69,6 @@ def user_error(capsys, *argv, after_training: bool = False) -> str:
     assert [line for line in lines if "lstmlm: error" in line] == lines[-1:], err
     assert lines[-1].startswith("lstmlm: error: ") and (len(lines) == 1 or after_training), err
     return lines[-1]
-
-
-def snapshot(directory: Path) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
-
-
-def write_corpus(directory: Path, **splits) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    texts = {"train": "a b c d\ne f a b\n" * 10, "valid": "a b c\n" * 5, "test": "d e f\n" * 5}
-    for split, text in {**texts, **splits}.items():
-        path = directory / f"{split}.txt"
-        path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text, "utf-8")
-    return directory
 
 
 def check_loads(run: Path) -> None:
@@ -377,7 +365,7 @@ def test_a_nan_validation_loss_is_never_best(tiny_corpus, tmp_path, monkeypatch,
 
 @pytest.mark.parametrize("value", [0.0, 1.0, -0.5, 2.0])
 def test_nan_lr_factor_must_be_between_0_and_1(capsys, tmp_path, value):
-    line = user_error(capsys, "train", "--data", write_corpus(tmp_path / "d"), "--out",
+    line = user_error(capsys, "train", "--data", make_corpus(tmp_path / "d"), "--out",
                       tmp_path / "run", "--nan-lr-factor", value)
     assert f"nan_lr_factor must be in (0, 1), got {value}" in line
     assert not (tmp_path / "run").exists()
@@ -471,7 +459,7 @@ SMALL_ARGS = ["--embedding-size", "8", "--hidden-size", "8", "--num-layers", "1"
 
 
 def test_a_test_split_of_unknown_words_trains_and_reports_them(capsys, tmp_path):
-    d = write_corpus(tmp_path / "d", test="zebra quinoa yak\n" * 5)
+    d = make_corpus(tmp_path / "d", test="zebra quinoa yak\n" * 5)
     assert main(["train", "--data", str(d), "--out", str(tmp_path / "run"), *SMALL_ARGS]) == 0
     out, err = capsys.readouterr()
     assert "words unseen in training mapped to <unk>: test 15" in err
@@ -482,7 +470,7 @@ def test_a_test_split_of_unknown_words_trains_and_reports_them(capsys, tmp_path)
 
 def test_an_enormous_line(capsys, tmp_path):
     # A 5 MB training line of 1.25M words, and a test line that is one 5 MB word.
-    d = write_corpus(tmp_path / "d", train="ab cd ef gh " * 437_000 + "\n",
+    d = make_corpus(tmp_path / "d", train="ab cd ef gh " * 437_000 + "\n",
                      valid="ab cd ef\n" * 5, test="x" * 5_000_000 + "\nab cd\n")
     started = time.monotonic()
     assert main(["train", "--data", str(d), "--out", str(tmp_path / "run"), *SMALL_ARGS,
@@ -500,7 +488,7 @@ def test_control_characters_and_literal_special_tokens(tmp_path):
     # <eos> is the end-of-line token and a literal <unk> the unknown word, as in the reference
     # code (PTB's text contains <unk>).
     train = "a \x01b c\x1b[0m\n<eos> d\x0ce <unk>\nf\x1fg\x85h\u2028i\x7f\n"
-    d = write_corpus(tmp_path / "d", train=train, valid="a <unk> zz\n", test="<eos>\n")
+    d = make_corpus(tmp_path / "d", train=train, valid="a <unk> zz\n", test="<eos>\n")
     corpus = data.tokenize(data.find_split_files(d))
     v = corpus.vocab
     assert v.decode(corpus.train.tolist()) == [
@@ -513,7 +501,7 @@ def test_control_characters_and_literal_special_tokens(tmp_path):
 
 
 def test_control_characters_survive_a_run_directory(capsys, tmp_path):
-    d = write_corpus(tmp_path / "d", train="a \x01b c\x1b[0m <unk>\n" * 20)
+    d = make_corpus(tmp_path / "d", train="a \x01b c\x1b[0m <unk>\n" * 20)
     run = tmp_path / "run"
     assert main(["train", "--data", str(d), "--out", str(run), *SMALL_ARGS]) == 0
     capsys.readouterr()
@@ -522,7 +510,7 @@ def test_control_characters_survive_a_run_directory(capsys, tmp_path):
 
 
 def test_tying_needs_matching_sizes(capsys, tmp_path):
-    line = user_error(capsys, "train", "--data", write_corpus(tmp_path / "d"), "--out",
+    line = user_error(capsys, "train", "--data", make_corpus(tmp_path / "d"), "--out",
                       tmp_path / "run", *SMALL_ARGS, "--tie-weights", "true",
                       "--hidden-size", "12")
     assert "tie_weights needs the last LSTM layer's size (12) to equal embedding_size (8)" in line
@@ -613,7 +601,7 @@ def test_a_pickle_where_a_checkpoint_belongs_is_refused(capsys, run_copy, tiny_c
 
 
 def test_a_pickle_in_the_corpus_cache_is_ignored(tmp_path):
-    d = write_corpus(tmp_path / "d")
+    d = make_corpus(tmp_path / "d")
     first = data.load_corpus(d)
     (cache_file,) = (tmp_path / "cache" / "tokenized").iterdir()
     marker = tmp_path / "pwned"

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from lstmlm.cli import main
+from tests.helpers import run
 from lstmlm.config import Config
 from lstmlm.data import EOS
 from lstmlm.errors import LstmlmError
@@ -144,11 +144,6 @@ def test_a_list_of_prompts_refuses_mistakes(lm):
 
 
 # ---- CLI --------------------------------------------------------------------------------------
-
-def run(capsys, *argv):
-    code = main([str(a) for a in argv])
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def user_error(capsys, *argv) -> str:

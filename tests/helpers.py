@@ -1,0 +1,34 @@
+"""Helpers shared by the test modules."""
+
+from pathlib import Path
+
+from lstmlm.cli import main
+
+# A corpus just big enough for a tiny model: 7 words, 20 training lines.
+GOOD_SPLITS = {"train": "a b c d\ne f a b\n" * 10, "valid": "a b c\n" * 5, "test": "d e f\n" * 5}
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """The `lstmlm` command run in-process: (exit status, stdout, stderr)."""
+    code = main([str(a) for a in argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def make_corpus(directory: Path, **splits) -> Path:
+    """A data directory with GOOD_SPLITS, except: split=None (no file) or split=bytes/str."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for split, content in {**GOOD_SPLITS, **splits}.items():
+        if content is None:
+            continue
+        path = directory / f"{split}.txt"
+        if isinstance(content, str):
+            path.write_text(content, encoding="utf-8")
+        else:
+            path.write_bytes(content)
+    return directory
+
+
+def snapshot(directory: Path) -> dict[str, bytes]:
+    """Every file's bytes, to check that a failed command changed nothing."""
+    return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
