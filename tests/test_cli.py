@@ -491,6 +491,19 @@ def test_lstmlm_warnings_are_formatted_only_while_a_command_runs(capsys):
     assert warnings.formatwarning is before
 
 
+def test_evaluate_help_gives_the_real_defaults(capsys):
+    """The parser imports no torch (a fast --help), so it states the defaults as text."""
+    from lstmlm import cache, dynamic
+
+    with pytest.raises(SystemExit):
+        main(["evaluate", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for value in (cache.DEFAULT_WINDOW, cache.DEFAULT_THETA, cache.DEFAULT_LAMBDA,
+                  dynamic.DEFAULT_LR, dynamic.DEFAULT_DECAY, dynamic.DEFAULT_BPTT,
+                  dynamic.DEFAULT_STAT_BATCHES):
+        assert f"(default {value})" in text, value
+
+
 def test_the_console_script_prints_no_traceback(tmp_path):
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "lstmlm", "evaluate", "/nonexistent"],
