@@ -53,6 +53,42 @@ def test_dropout_only_in_training():
     assert not torch.allclose(a, c)
 
 
+@pytest.mark.parametrize("variational", [False, True])
+def test_each_dropout_is_applied_where_its_name_says(monkeypatch, variational):
+    """Input dropout on the embeddings, hidden dropout between layers only, output dropout on
+    the last layer's output: in that order, each with its own probability."""
+    cfg = small(num_layers=3, dropout_input=0.1, dropout_hidden=0.2, dropout_output=0.3,
+                variational_dropout=variational)
+    model = LSTMLM(cfg, vocab_size=30)
+    calls = []
+    real = model.dropout
+    monkeypatch.setattr(model, "dropout", lambda x, p: calls.append((x.size(-1), p)) or real(x, p))
+    model.features(torch.randint(0, 30, (4, 2)), model.init_hidden(2))
+    assert calls == [(8, 0.1), (12, 0.2), (12, 0.2), (12, 0.3)]
+
+
+def test_initial_weights_follow_awd_lstm():
+    """Embedding (and an untied decoder) uniform in [-0.1, 0.1], decoder bias 0."""
+    model = LSTMLM(small(), vocab_size=3000)
+    for weight in (model.embedding.weight, model.decoder.weight):
+        assert weight.abs().max() <= 0.1 and weight.abs().max() > 0.09
+        assert abs(weight.mean().item()) < 0.01
+    assert torch.count_nonzero(model.decoder.bias) == 0
+
+
+def test_ar_on_the_dropped_output_tar_on_the_raw_output():
+    cfg = awd(dropout_output=0.5, ar_alpha=2.0, tar_beta=3.0)
+    model = LSTMLM(cfg, vocab_size=30).train()
+    tokens, targets = torch.randint(0, 30, (6, 2)), torch.randint(0, 30, (12,))
+    torch.manual_seed(1)
+    dropped, raw, _ = model.features(tokens, model.init_hidden(2))
+    torch.manual_seed(1)
+    _, penalty, _ = model.loss(tokens, targets, model.init_hidden(2))
+    expected = 2.0 * dropped.pow(2).mean() + 3.0 * (raw[1:] - raw[:-1]).pow(2).mean()
+    assert not torch.equal(dropped, raw)
+    torch.testing.assert_close(penalty, expected)
+
+
 def test_loss_is_mean_cross_entropy():
     model = LSTMLM(small(), vocab_size=30).eval()
     tokens, targets = torch.randint(0, 30, (5, 2)), torch.randint(0, 30, (10,))

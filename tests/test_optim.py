@@ -1,7 +1,8 @@
 import pytest
 import torch
 
-from lstmlm.optim import WeightAverage, clip_grad_norm, nonmono_triggered
+from lstmlm.config import Config
+from lstmlm.optim import WeightAverage, clip_grad_norm, make_optimizer, nonmono_triggered
 
 
 def model_with_gradients(seed=0):
@@ -13,7 +14,7 @@ def model_with_gradients(seed=0):
     return model
 
 
-@pytest.mark.parametrize("max_norm", [0.5, 1e6])  # clipped; within bounds
+@pytest.mark.parametrize("max_norm", [0.5, 3.0, 1e6])  # clipped (far, near); within bounds
 def test_clip_grad_norm_equals_torchs(max_norm):
     ours, theirs = model_with_gradients(), model_with_gradients()
     norm = clip_grad_norm(ours.parameters(), max_norm)
@@ -70,3 +71,17 @@ def test_swapped_in_restores_the_current_weights():
     with average.swapped_in():
         assert torch.equal(model.weight, average.mean["weight"])
     assert torch.equal(model.weight, current)
+
+
+@pytest.mark.parametrize("name, kind, settings", [
+    ("sgd", torch.optim.SGD, {"lr": 30.0, "momentum": 0.9, "weight_decay": 1.2e-6}),
+    ("adam", torch.optim.Adam, {"lr": 1e-3, "weight_decay": 1e-5}),
+    ("adamw", torch.optim.AdamW, {"lr": 1e-3, "weight_decay": 0.01}),
+])
+def test_make_optimizer_uses_the_configs_settings(name, kind, settings):
+    model = model_with_gradients()
+    optimizer = make_optimizer(Config(optimizer=name, **settings), model)
+    assert type(optimizer) is kind
+    (group,) = optimizer.param_groups
+    assert {k: group[k] for k in settings} == settings
+    assert group["params"] == list(model.parameters())

@@ -88,6 +88,27 @@ def test_cheap_loss_is_the_full_cross_entropy(kw):
         assert torch.allclose(c, p.grad, atol=1e-6)
 
 
+def test_log_probabilities_match_the_two_level_formula_with_every_bias():
+    """Grave et al.'s factorisation written out by hand, with nonzero biases (they start at 0):
+    a head word's log p is the head's log_softmax; a tail word's, its cluster's head entry plus
+    the log_softmax of the cluster's words over the projected features."""
+    torch.manual_seed(0)
+    softmax = AdaptiveSoftmax(8, VOCAB, [5, 15], div_value=2.0)
+    with torch.no_grad():
+        for p in softmax.parameters():
+            p.add_(torch.randn_like(p))
+    x = torch.randn(4, 8)
+    words = softmax.word_weights()
+    head = torch.log_softmax(torch.cat([x @ words[0].T + softmax.bias[:5],
+                                        x @ softmax.clusters.T + softmax.cluster_bias], -1), -1)
+    expected = [head[:, :5]]
+    for k, (lo, hi) in enumerate([(5, 15), (15, VOCAB)], start=1):
+        projected = x @ softmax.projections[k - 1].T
+        tail = torch.log_softmax(projected @ words[k].T + softmax.bias[lo:hi], -1)
+        expected.append(head[:, 5 + k - 1: 5 + k] + tail)
+    torch.testing.assert_close(softmax(x), torch.cat(expected, -1))
+
+
 def test_every_parameter_gets_a_gradient_even_with_empty_clusters():
     # DistributedDataParallel expects every parameter in the graph of every step.
     model = LSTMLM(adaptive(), VOCAB)
