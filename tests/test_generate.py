@@ -171,6 +171,16 @@ def test_samples_of_a_batch_match_greedy_when_greedy(lm):
 
 # ---- prompts and text -------------------------------------------------------------------------
 
+def test_prompts_of_mixed_lengths_each_get_their_own_continuations(lm):
+    """Read in groups of equal length (order 0, 3, 1, 2 here), answered in the prompts' order,
+    each prompt's samples together."""
+    prompts = ["a dog", "the cat sat", "our", "his fish"]
+    alone = [lm.generate(p, max_tokens=4, temperature=0) for p in prompts]
+    assert len(set(alone)) == len(prompts)  # otherwise a mix-up could go unseen
+    together = lm.generate(prompts, max_tokens=4, temperature=0, num_samples=2)
+    assert together == [[text, text] for text in alone]
+
+
 def test_prompt_spanning_lines_encodes_eos(lm):
     v = lm.vocab
     eos = v.eos_id  # first: the prompt starts a line, as score reads a text
