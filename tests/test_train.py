@@ -70,7 +70,9 @@ def test_run_directory_layout(corpus, tmp_path):
 
 def test_test_perplexity_is_that_of_the_best_weights(corpus, tmp_path):
     run = tmp_path / "run"
-    results = run_training(tiny(corpus, epochs=3), out=run, quiet=True)
+    results = run_training(tiny(corpus, epochs=2, eval_interval=3, lr=5.0, lr_decay=1.0), out=run,
+                           quiet=True)
+    assert not metrics(run)[-1]["best"]  # the last weights are not the best ones
     from lstmlm.data import batchify, load_corpus
     from lstmlm.evaluate import evaluate
     _, _, model = ckpt.load_run(run)
@@ -183,6 +185,66 @@ def test_bf16_autocast_trains_with_fp32_weights(corpus, tmp_path):
 def test_fp16_on_cpu_is_refused(corpus, tmp_path):
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         run_training(tiny(corpus, precision="fp16"), out=tmp_path / "run", quiet=True)
+
+
+@pytest.mark.parametrize("optimizer", [dict(momentum=0.9, lr=0.5), dict(optimizer="adam", lr=0.01)])
+def test_resume_restores_the_optimizers_state(corpus, tmp_path, optimizer):
+    """Momentum buffers and Adam's moments travel in state.safetensors."""
+    cfg = dict(epochs=2, eval_interval=5, lr_decay=1.0, **optimizer)
+    straight = run_training(tiny(corpus, **cfg), out=tmp_path / "a", quiet=True)
+    run_training(tiny(corpus, max_steps=7, **cfg), out=tmp_path / "b", quiet=True)
+    resumed = run_training(resume=tmp_path / "b", overrides={"max_steps": 0}, quiet=True)
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
+
+
+def test_variable_bptt_reads_every_training_token_once_per_epoch(corpus, tmp_path):
+    results = run_training(tiny(corpus, variable_bptt=True, bptt=8, epochs=2), out=tmp_path / "r",
+                           quiet=True)
+    from lstmlm.data import batchify, load_corpus
+    rows = batchify(load_corpus(corpus).train, 4).size(0)
+    assert results["train_tokens"] == 2 * (rows - 1) * 4
+
+
+def test_variable_bptt_windows_are_at_least_5_tokens():
+    from lstmlm.train import sample_seq_len
+
+    torch.manual_seed(0)
+    lengths = [sample_seq_len(Config(variable_bptt=True, bptt=6)) for _ in range(3000)]
+    assert min(lengths) == 5 and max(lengths) == 6 + Config().bptt_max_extra
+
+
+def test_averaging_starts_only_with_ntasgd_or_average_from(corpus, tmp_path):
+    run_training(tiny(corpus, epochs=2, eval_interval=3, lr=10.0, lr_decay=1.0, nonmono=1),
+                 out=tmp_path / "r", quiet=True)
+    losses = [m["valid_loss"] for m in metrics(tmp_path / "r")][:-1]  # the last: at the stop
+    assert any(loss > min(losses[:i - 1]) for i, loss in enumerate(losses) if i > 1)  # a trigger
+    results = json.loads((tmp_path / "r" / ckpt.RESULTS).read_text())
+    assert results["averaging_since_step"] == -1
+
+
+def test_each_epoch_starts_from_a_zero_state(corpus, tmp_path, monkeypatch):
+    from lstmlm.model import LSTMLM
+
+    sizes = []
+    real = LSTMLM.init_hidden
+    monkeypatch.setattr(LSTMLM, "init_hidden",
+                        lambda self, batch: sizes.append(batch) or real(self, batch))
+    run_training(tiny(corpus, epochs=3, valid_batch_size=3, test_batch_size=3),
+                 out=tmp_path / "r", quiet=True)
+    assert sizes.count(4) == 3  # training's batch: once per epoch (3 and 3: evaluation's)
+
+
+def test_the_lr_decays_after_lr_patience_checks_without_improvement(corpus, tmp_path):
+    from lstmlm.data import load_corpus
+    from lstmlm.train import Trainer
+
+    trainer = Trainer(tiny(corpus, lr=1.0, lr_decay=2.0, lr_patience=2), load_corpus(corpus),
+                      tmp_path / "r", quiet=True)
+    lrs = []
+    for loss in (3.0, 3.5, 3.4, 3.2, 3.1, 2.0):
+        trainer.decay_on_plateau(loss)
+        lrs.append(trainer.base_lr)
+    assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
 
 
 def test_adam_and_adamw_train(corpus, tmp_path):
