@@ -25,6 +25,17 @@ def test_dropout_from_a_generator_repeats_and_passes_gradients_through_the_mask(
     assert dropout(x, 0.5, False) is x and dropout(x, 0.0, True) is x
 
 
+@pytest.mark.parametrize("drop", [dropout, locked_dropout])
+def test_a_given_generator_draws_the_mask_not_the_global_one(drop):
+    """Under DDP each rank's masks come from its own generator (seeded by rank and step)."""
+    x = torch.ones(7, 3, 50)
+    torch.manual_seed(0)
+    first = drop(x, 0.5, True, torch.Generator().manual_seed(3))
+    torch.manual_seed(1)  # another global state: the same mask
+    assert torch.equal(drop(x, 0.5, True, torch.Generator().manual_seed(3)), first)
+    assert not torch.equal(drop(x, 0.5, True, torch.Generator().manual_seed(4)), first)
+
+
 def test_locked_dropout_mask_is_constant_over_time():
     torch.manual_seed(0)
     x = torch.ones(7, 3, 50)
