@@ -143,6 +143,20 @@ def test_cosine_schedule_anneals_over_the_budget(corpus, tmp_path, monkeypatch):
         tiny(corpus, lr_schedule="linear").validate()
 
 
+def test_progress_is_the_furthest_along_of_epochs_steps_and_minutes(corpus, tmp_path):
+    from lstmlm.data import load_corpus
+    from lstmlm.train import Trainer
+
+    trainer = Trainer(tiny(corpus, epochs=100, max_steps=1000, max_minutes=10.0),
+                      load_corpus(corpus), tmp_path / "r", quiet=True)
+    trainer.state.step, trainer.state.seconds = 100, 300.0  # 10 % of the steps, half the time
+    assert trainer.progress() == pytest.approx(0.5)
+    trainer.state.step = 800
+    assert trainer.progress() == pytest.approx(0.8)
+    trainer.state.seconds = 6000.0
+    assert trainer.progress() == 1.0
+
+
 def test_cosine_schedule_replaces_the_plateau_decay(corpus, tmp_path):
     # With test_lr_decays_on_plateau's lr, some validations get worse (perplexity 1.00 ->
     # 1.01): no division by 4 here, only the cosine over the 8 epochs (the logged lr is that
