@@ -37,7 +37,8 @@ from lstmlm.train import run_training
 def cache_test_ppl(run_dir: Path) -> float:
     """Test perplexity of the run's best weights with the cache pointer, default settings."""
     cfg, vocab, model = load_run(run_dir)
-    ids, _ = vocab.encode(read_lines(find_split_files(resolve_data(cfg.data, recorded=True))["test"]))
+    files = find_split_files(resolve_data(cfg.data, recorded=True))
+    ids, _ = vocab.encode(read_lines(files["test"]))
     loss, _ = cache_evaluate(model, batchify(ids, 1), cfg.bptt)
     return perplexity(loss)
 

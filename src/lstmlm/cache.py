@@ -44,7 +44,7 @@ def check_cache(window: int, theta: float, lambd: float) -> None:
 
 @torch.no_grad()
 def model_and_cache_log_probs(model: LSTMLM, data: torch.Tensor, bptt: int, window: int,
-                     thetas) -> tuple[torch.Tensor, torch.Tensor]:
+                              thetas) -> tuple[torch.Tensor, torch.Tensor]:
     """log p_model and log p_cache (one row per theta) of every target of `data` (time, batch),
     flattened time-major as `evaluate` counts them. One pass over the data serves any number of
     thetas and lambdas. Where a stream has no history yet, log p_cache is log p_model."""
