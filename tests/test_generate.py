@@ -181,6 +181,18 @@ def test_prompts_of_mixed_lengths_each_get_their_own_continuations(lm):
     assert together == [[text, text] for text in alone]
 
 
+def test_sampling_turns_dropout_off(tiny_run):
+    """A model still in training mode (a Trainer's, say) samples as the loaded one does."""
+    from lstmlm.checkpoint import load_run
+
+    cfg, vocab, model = load_run(tiny_run)
+    model.cfg.dropout_output = 0.5
+    prompt_ids, _ = encode_prompt(vocab, "the cat")
+    expected = [s.tolist() for s in sample(model, prompt_ids, 8, temperature=0)]
+    model.train()
+    assert [s.tolist() for s in sample(model, prompt_ids, 8, temperature=0)] == expected
+
+
 def test_prompt_spanning_lines_encodes_eos(lm):
     v = lm.vocab
     eos = v.eos_id  # first: the prompt starts a line, as score reads a text

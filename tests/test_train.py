@@ -69,17 +69,23 @@ def test_run_directory_layout(corpus, tmp_path):
 
 
 def test_test_perplexity_is_that_of_the_best_weights(corpus, tmp_path):
+    from lstmlm.data import batchify, load_corpus
+    from lstmlm.evaluate import evaluate
+
+    # Validation text other than the test split's, so that a mix-up of the two shows.
+    (corpus / "valid.txt").write_text(" we like green tea \n it is a big day for the cat \n" * 3)
     run = tmp_path / "run"
     results = run_training(tiny(corpus, epochs=2, eval_interval=3, lr=5.0, lr_decay=1.0), out=run,
                            quiet=True)
     assert not metrics(run)[-1]["best"]  # the last weights are not the best ones
-    from lstmlm.data import batchify, load_corpus
-    from lstmlm.evaluate import evaluate
     _, _, model = ckpt.load_run(run)
-    loss, _ = evaluate(model, batchify(load_corpus(corpus).test, 2), 10)
-    assert loss == pytest.approx(results["test_loss"], rel=1e-6)
-    best = min(m["valid_loss"] for m in metrics(run))
-    assert results["best_valid_loss"] == pytest.approx(best)
+    splits = load_corpus(corpus)
+    test_loss, _ = evaluate(model, batchify(splits.test, 2), 10)
+    valid_loss, _ = evaluate(model, batchify(splits.valid, 2), 10)
+    assert test_loss == pytest.approx(results["test_loss"], rel=1e-6)
+    assert valid_loss == pytest.approx(results["best_valid_loss"], rel=1e-6)
+    assert valid_loss == pytest.approx(min(m["valid_loss"] for m in metrics(run)), rel=1e-6)
+    assert valid_loss != pytest.approx(test_loss, rel=1e-3)
 
 
 @pytest.mark.parametrize("stop_at", [4, 5])  # at a validation, and between two
@@ -259,6 +265,16 @@ def test_the_lr_decays_after_lr_patience_checks_without_improvement(corpus, tmp_
         trainer.decay_on_plateau(loss)
         lrs.append(trainer.base_lr)
     assert lrs == [1.0, 1.0, 1.0, 0.5, 0.5, 0.5]
+
+
+def test_the_validation_at_a_stop_schedules_nothing(corpus, tmp_path):
+    """It is logged and may keep the best weights, but neither joins NT-ASGD's history nor
+    decays the lr, so a resumed run matches an uninterrupted one."""
+    run_training(tiny(corpus, max_steps=7, eval_interval=5, epochs=10, lr_decay=2.0,
+                      lr_patience=0), out=tmp_path / "r", quiet=True)
+    assert [m["step"] for m in metrics(tmp_path / "r")] == [5, 7]
+    _, meta = ckpt.read_tensors(tmp_path / "r" / ckpt.STATE)
+    assert len(json.loads(meta["trainer"])["valid_history"]) == 1
 
 
 def test_adam_and_adamw_train(corpus, tmp_path):
