@@ -11,7 +11,6 @@ from lstmlm.data import EOS
 from lstmlm.errors import LstmlmError
 
 
-
 @pytest.fixture(scope="module")
 def sentences(tiny_corpus) -> list[str]:
     """The distinct lines of the training split."""

@@ -32,7 +32,6 @@ def isolated(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
 
 
-
 def user_error(capsys, *argv) -> str:
     """Run a command that must fail with exit status 1 and one line on stderr; that line."""
     code, out, err = run(capsys, *argv)

@@ -14,7 +14,6 @@ PROBS = torch.tensor([[0.5, 0.3, 0.15, 0.05], [0.05, 0.15, 0.3, 0.5]])
 LOGITS = PROBS.log()
 
 
-
 def kept(logits: torch.Tensor) -> list[set[int]]:
     """Indices of the finite logits of each row."""
     return [set(torch.isfinite(row).nonzero().flatten().tolist()) for row in logits]
