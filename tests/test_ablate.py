@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -231,6 +232,17 @@ def test_data_without_the_splits_stops_the_plan_before_it_starts(plan, tmp_path,
     code, _, stderr = ablate(capsys, plan, tmp_path / "empty", tmp_path / "out")
     assert code == 1 and "missing the train split" in stderr and stderr.count("\n") == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_dataset_name_stays_the_dataset_when_the_output_has_its_name(plan, tiny_corpus,
+                                                                        tmp_path, capsys,
+                                                                        monkeypatch):
+    shutil.copytree(tiny_corpus, tmp_path / "datasets" / "ptb")
+    monkeypatch.setenv("LSTMLM_DATA", str(tmp_path / "datasets"))
+    monkeypatch.chdir(tmp_path)
+    code, _, stderr = ablate(capsys, plan, "ptb", "ptb")  # ./ptb: the ablation's own folder
+    assert code == 0, stderr
+    assert ckpt.read_run_config(tmp_path / "ptb" / "base")[0].data == "ptb"
 
 
 # ---- plans ----------------------------------------------------------------------------------

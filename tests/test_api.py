@@ -62,6 +62,7 @@ def test_generate_refuses_bad_arguments(lm):
     (lambda lm: lm.generate("the", temperature="1"), "temperature must be a number"),
     (lambda lm: lm.generate("the", top_p="0.5"), "top-p must be a number"),
     (lambda lm: lm.score([5]), "a text must be a string, got int"),
+    (lambda lm: lm.score(None), "score takes a list of texts, got NoneType"),
     (lambda lm: lm.perplexity(None), "a text must be a string, got NoneType"),
 ])
 def test_arguments_of_the_wrong_type_get_one_clear_error(lm, call, message):

@@ -328,6 +328,8 @@ def test_a_dataset_name_is_still_the_dataset_beside_a_folder_of_that_name(corpus
     # ./ptb is now the run directory; the recorded name still means the dataset.
     assert ckpt.read_run_config(tmp_path / "ptb")[0].data == "ptb"
     assert run_training(resume=Path("ptb"), overrides={"max_steps": 3}, quiet=True)["steps"] == 3
+    assert run_training(resume=Path("ptb"), overrides={"max_steps": 4, "data": "ptb"},
+                        quiet=True)["steps"] == 4
     assert ckpt.read_run_config(tmp_path / "ptb")[0].data == "ptb"
     assert main(["evaluate", "ptb", "--split", "valid"]) == 0
 

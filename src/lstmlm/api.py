@@ -72,7 +72,11 @@ class LanguageModel:
         """
         if isinstance(texts, str):
             raise LstmlmError("score takes a list of texts; for one text pass [text]")
-        return self._score(list(texts), continue_state, per_token)
+        try:
+            texts = list(texts)
+        except TypeError:
+            raise LstmlmError(f"score takes a list of texts, got {type(texts).__name__}") from None
+        return self._score(texts, continue_state, per_token)
 
     @torch.no_grad()
     def _score(self, texts: list[str], continue_state: bool = False, per_token: bool = False,

@@ -101,22 +101,25 @@ def _is_complete(directory: Path) -> bool:
 
 def recorded_data(spec: str) -> str:
     """What a run records as its data: an existing directory as an absolute path, so that the
-    run can be evaluated or resumed from any folder; a dataset name as it is."""
+    run can be evaluated or resumed from any folder; a dataset name as it is (unless a folder
+    of that name here holds the splits: resolve_data reads that one)."""
     path = Path(spec).expanduser()
+    if spec in DATASETS and not _is_complete(path):
+        return spec
     return str(path.resolve()) if spec and path.is_dir() else spec
 
 
 def resolve_data(spec: str, recorded: bool = False) -> Path:
     """The data directory that `--data spec` names, downloading a named dataset if needed.
 
-    A `recorded` spec comes from a run's config.json, where directories are absolute paths, so
-    a bare dataset name there is the dataset even if the working directory has a folder of
-    that name (such as the run directory itself).
+    A dataset name means the local folder of that name only if it holds the splits; a
+    `recorded` spec comes from a run's config.json, where directories are absolute paths, so a
+    bare dataset name there is always the dataset (the folder may be the run directory itself).
     """
     if not spec.strip():
         raise LstmlmError("--data is empty; pass a data directory or a dataset name "
                           f"({', '.join(DATASETS)})")
-    if spec in DATASETS and (recorded or not Path(spec).exists()):
+    if spec in DATASETS and (recorded or not _is_complete(Path(spec))):
         directory = data_root() / spec
         return directory if _is_complete(directory) else download_dataset(spec)
     path = Path(spec).expanduser()
