@@ -28,13 +28,13 @@ class LanguageModel:
         (ids,) = self._encode([prompt])
         return ids
 
-    def _encode(self, prompts: list[str], stacklevel: int = 3) -> list[list[int]]:
-        """Ids of each prompt; one warning, pointing at the caller of the public method, for
-        all their unknown words."""
+    def _encode(self, prompts: list[str]) -> list[list[int]]:
+        """Ids of each prompt; one warning, pointing at the caller of the public method
+        (encode, generate), for all their unknown words."""
         encoded = [encode_prompt(self.vocab, text_argument(p, "a prompt")) for p in prompts]
         unknown = [w for _, words in encoded for w in words]
         if unknown:
-            warnings.warn(unknown_words(unknown, "prompt word(s)", "read"), stacklevel=stacklevel)
+            warnings.warn(unknown_words(unknown, "prompt word(s)", "read"), stacklevel=3)
         return [ids for ids, _ in encoded]
 
     def generate(self, prompt: str | list[str], max_tokens: int = 50, temperature: float = 1.0,
@@ -79,15 +79,15 @@ class LanguageModel:
         return self._score(texts, continue_state, per_token)
 
     @torch.no_grad()
-    def _score(self, texts: list[str], continue_state: bool = False, per_token: bool = False,
-               stacklevel: int = 4) -> list[dict]:
-        # stacklevel: the warning points at the caller of score or perplexity (this method's
-        # no_grad wrapper is a frame of its own).
+    def _score(self, texts: list[str], continue_state: bool = False,
+               per_token: bool = False) -> list[dict]:
+        # The warning points at the caller of score or perplexity: stacklevel 4, as this
+        # method's no_grad wrapper is a frame of its own.
         word_lists = [[w for line in split_lines(text_argument(text, "a text"))
                        for w in line.split() + [EOS]] for text in texts]
         unknown = [w for words in word_lists for w in words if w not in self.vocab.index]
         if unknown:
-            warnings.warn(unknown_words(unknown, "word(s)", "scored"), stacklevel=stacklevel)
+            warnings.warn(unknown_words(unknown, "word(s)", "scored"), stacklevel=4)
         model = self.model.eval()
         eos = torch.tensor([[self.vocab.eos_id]], device=model.embedding.weight.device)
         fresh_features, _, fresh_hidden = model.features(eos, model.init_hidden(1))

@@ -225,6 +225,11 @@ class Trainer:
         if self.device.type == "cuda" and "rng.cuda" in tensors:
             torch.cuda.set_rng_state(tensors["rng.cuda"], self.device)
 
+    def save_best_weights(self) -> None:
+        """The model's weights as the run's best (model.safetensors)."""
+        self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.WEIGHTS,
+                                               ckpt.model_tensors(self.model)))
+
     def _write(self, save) -> None:
         if not self.group.is_main:  # one rank writes; the others hold the same numbers
             return
@@ -307,8 +312,7 @@ class Trainer:
             improved = math.isfinite(valid_loss) and valid_loss < st.best_valid_loss
             if improved:
                 st.best_valid_loss = valid_loss
-                self._write(lambda: ckpt.write_tensors(self.run_dir / ckpt.WEIGHTS,
-                                                       ckpt.model_tensors(self.model)))
+                self.save_best_weights()
         self.model.train()
         if not math.isfinite(valid_loss):
             raise _NonFinite(f"the validation loss became {valid_loss}")
@@ -637,10 +641,9 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
 
     On resume only the budget fields (RESUMABLE_OVERRIDES) may be overridden.
     """
-    overrides = _recorded(overrides)
     if resume is None:
         cfg = dataclasses.replace(cfg)  # the caller's config stays theirs
-        cfg.update(overrides)
+        cfg.update(overrides or {})
         cfg.data = recorded_data(cfg.data)
         if cfg.finetune:  # it needs a trained run's weights to start from
             raise ConfigError("finetune is set by `lstmlm finetune RUN`, which starts from RUN's "
@@ -652,6 +655,7 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
         return _train(trainer, corpus)
     run_dir = Path(resume)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
+    overrides = _recorded(overrides)
     frozen = sorted(k for k, v in overrides.items()
                     if getattr(cfg, k) != v and k not in RESUMABLE_OVERRIDES)
     if frozen:
@@ -706,8 +710,7 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
     trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data)
     trainer.model.train()
-    trainer._write(lambda: ckpt.write_tensors(out / ckpt.WEIGHTS,
-                                              ckpt.model_tensors(trainer.model)))
+    trainer.save_best_weights()
     trainer.log(f"{run_dir}: valid ppl {perplexity(trainer.state.best_valid_loss):.2f} to beat")
     trainer.save_state()  # step 0: a resume starts from the base weights, not from a new model
     return _train(trainer, corpus)
