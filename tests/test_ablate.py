@@ -206,6 +206,14 @@ def test_a_failing_run_is_recorded_and_the_plan_goes_on(plan, tiny_corpus, tmp_p
     assert "- **too-long**: bptt 5000 is longer" in stdout
 
 
+def test_a_folder_another_ablation_is_using_is_refused(plan, tiny_corpus, tmp_path, capsys):
+    out = tmp_path / "out"
+    with ckpt.locked(out):  # what `lstmlm ablate --out out` holds while it runs
+        code, _, stderr = ablate(capsys, plan, tiny_corpus, out)
+    assert code == 1 and stderr.count("\n") == 1 and f"{out} is in use" in stderr
+    assert sorted(p.name for p in out.iterdir()) == [ckpt.LOCK]  # no run started
+
+
 def test_sigint_stops_the_whole_plan(plan, tiny_corpus, tmp_path):
     """The real Ctrl-C, in a subprocess: the second run saves its state and the plan stops."""
     out = tmp_path / "out"

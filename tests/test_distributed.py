@@ -65,7 +65,8 @@ def test_awd_training_checkpoints_once_and_resumes_exactly(tiny_corpus, tmp_path
     torchrun("train", "--out", tmp_path / "split", "--max-steps", 10, *cfg)
     assert [m["step"] for m in metrics(tmp_path / "split")] == [5, 10]  # one line each
     assert sorted(p.name for p in (tmp_path / "split").iterdir()) == sorted(
-        [ckpt.CONFIG, ckpt.VOCAB, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS, ckpt.RESULTS])
+        [ckpt.CONFIG, ckpt.VOCAB, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS, ckpt.RESULTS,
+         ckpt.LOCK])
     torchrun("train", "--resume", tmp_path / "split", "--max-steps", 20)
     whole, split = metrics(tmp_path / "whole"), metrics(tmp_path / "split")
     assert [m["step"] for m in split] == [5, 10, 15, 20]

@@ -298,7 +298,7 @@ def test_no_retries_stops_at_the_first_non_finite_loss(tiny_corpus, tmp_path):
     with pytest.raises(DivergedError, match=r"^training diverged: the training loss became "
                                             r"nan after step \d+, with 0 rollback"):
         run_training(cfg, out=run, quiet=True)
-    assert sorted(p.name for p in run.iterdir()) == [ckpt.CONFIG, ckpt.VOCAB]  # nothing saved
+    assert sorted(p.name for p in run.iterdir()) == [ckpt.LOCK, ckpt.CONFIG, ckpt.VOCAB]  # no save
 
 
 def test_a_nan_gradient_norm_is_caught_before_the_step(tiny_corpus, tmp_path, monkeypatch,

@@ -6,6 +6,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -15,7 +16,8 @@ import torch
 from lstmlm import checkpoint as ckpt
 from lstmlm.config import Config, ConfigError
 from lstmlm.errors import LstmlmError
-from lstmlm.train import run_training
+from lstmlm.train import run_finetune, run_training
+from tests.helpers import snapshot
 
 SENTENCES = ["the cat sat on the mat", "a dog ran to the red house",
              "we like green tea", "it is a big day for the cat"]
@@ -58,7 +60,8 @@ def test_run_directory_layout(corpus, tmp_path):
     run = tmp_path / "run"
     results = run_training(tiny(corpus, max_steps=7, eval_interval=5), out=run, quiet=True)
     assert sorted(p.name for p in run.iterdir()) == sorted(
-        [ckpt.CONFIG, ckpt.VOCAB, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS, ckpt.RESULTS])
+        [ckpt.CONFIG, ckpt.VOCAB, ckpt.WEIGHTS, ckpt.STATE, ckpt.METRICS, ckpt.RESULTS,
+         ckpt.LOCK])
     assert results["stop_reason"] == "max_steps" and results["steps"] == 7
     # Validated at step 5 and once more when stopping at step 7.
     assert [m["step"] for m in metrics(run)] == [5, 7]
@@ -284,6 +287,39 @@ def test_adam_and_adamw_train(corpus, tmp_path):
         assert r["steps"] == 3
 
 
+def test_a_run_directory_has_one_writer_at_a_time(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_training(tiny(corpus, max_steps=2, epochs=2), out=run, quiet=True)
+    (run / ckpt.RESULTS).unlink()  # as if it were still training
+    before = snapshot(run)
+    with ckpt.locked(run):  # what a process training into `run` holds
+        with pytest.raises(ckpt.RunDirError, match="in use: another lstmlm process is training"):
+            run_training(resume=run, overrides={"max_steps": 4}, quiet=True)
+        with pytest.raises(ckpt.RunDirError, match="in use"):
+            run_training(tiny(corpus), out=run, quiet=True)
+        assert snapshot(run) == before  # nothing written, nothing removed
+    with ckpt.locked(tmp_path / "tuned"):
+        with pytest.raises(ckpt.RunDirError, match="in use"):
+            run_finetune(run, out=tmp_path / "tuned", quiet=True)
+    assert run_training(resume=run, overrides={"max_steps": 4}, quiet=True)["steps"] == 4
+
+
+def test_two_new_runs_in_one_folder_are_refused(corpus, tmp_path):
+    with ckpt.locked(tmp_path / "new"):  # created, locked, not yet holding a config
+        with pytest.raises(ckpt.RunDirError, match="in use"):
+            run_training(tiny(corpus), out=tmp_path / "new", quiet=True)
+    assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [ckpt.LOCK]
+
+
+def test_training_runs_in_a_thread_other_than_the_main_one(corpus, tmp_path):
+    results = []
+    worker = threading.Thread(target=lambda: results.append(
+        run_training(tiny(corpus, max_steps=3), out=tmp_path / "run", quiet=True)))
+    worker.start()
+    worker.join()
+    assert results and results[0]["steps"] == 3  # Python refuses signal handlers there
+
+
 def test_resume_refuses_other_changes(corpus, tmp_path):
     run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=True)
     with pytest.raises(ConfigError, match="cannot change hidden_size"):
@@ -470,7 +506,6 @@ def test_a_run_leaves_the_callers_config_alone(corpus, tmp_path):
 
 
 def test_finetune_writes_its_own_run(corpus, tmp_path):
-    from lstmlm.train import run_finetune
 
     base = tmp_path / "base"
     run_training(tiny(corpus, **AWD, epochs=1, eval_interval=4), out=base, quiet=True)
@@ -488,7 +523,6 @@ def test_finetune_writes_its_own_run(corpus, tmp_path):
 
 
 def test_finetune_that_never_beats_the_base_keeps_the_base_weights(corpus, tmp_path):
-    from lstmlm.train import run_finetune
 
     base = tmp_path / "base"
     run_training(tiny(corpus, **AWD, epochs=1, eval_interval=4), out=base, quiet=True)
@@ -511,7 +545,6 @@ def test_finetune_is_only_for_lstmlm_finetune(corpus, tmp_path):
 
 
 def test_finetune_of_an_adam_run_asks_for_sgd_and_averages_from_its_first_step(corpus, tmp_path):
-    from lstmlm.train import run_finetune
 
     base = tmp_path / "base"
     run_training(tiny(corpus, optimizer="adam", lr=0.01, average_from=0.5, max_steps=10), out=base,

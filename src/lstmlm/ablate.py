@@ -191,38 +191,40 @@ def run_plan(plan: str, out: Path, overrides: dict | None = None, quiet: bool = 
     for run, cfg in zip(runs, configs):
         check_run_dir(out / run.name, cfg)
     make_dir(out)
-    status = [{"name": r.name, "preset": r.preset, "status": "pending", "stop_reason": None,
-               "error": None} for r in runs]
-    plotted = True
-    for i, (run, cfg, entry) in enumerate(zip(runs, configs, status), 1):
-        run_dir, tag = out / run.name, f"[{i}/{len(runs)}] {run.name}"
-        if (run_dir / ckpt.RESULTS).is_file():
-            _log(quiet, f"{tag}: finished earlier, skipped")
-        else:
-            resuming = (run_dir / ckpt.STATE).is_file()
-            _log(quiet, f"{tag}: {'resuming' if resuming else 'starting'} in {run_dir}")
-        entry["status"] = "running"
-        _write_status(out, plan, reference, overrides, status)
-        try:
-            results = _train_one(run_dir, cfg, quiet)
-            reason = results["stop_reason"]
-            entry.update(status="interrupted" if reason == "interrupted" else status_of(results),
-                         stop_reason=reason)
-        except (LstmlmError, RuntimeError, FloatingPointError) as e:  # the plan goes on
-            message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            entry.update(status="failed", error=message)
-            _log(quiet, f"{tag} failed: {message}")
-        except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: checkpoints hold
-            entry.update(status="interrupted", stop_reason="interrupted")
+    with ckpt.locked(out):  # two ablations in one folder would train the same runs at once
+        status = [{"name": r.name, "preset": r.preset, "status": "pending", "stop_reason": None,
+                   "error": None} for r in runs]
+        plotted = True
+        for i, (run, cfg, entry) in enumerate(zip(runs, configs, status), 1):
+            run_dir, tag = out / run.name, f"[{i}/{len(runs)}] {run.name}"
+            if (run_dir / ckpt.RESULTS).is_file():
+                _log(quiet, f"{tag}: finished earlier, skipped")
+            else:
+                resuming = (run_dir / ckpt.STATE).is_file()
+                _log(quiet, f"{tag}: {'resuming' if resuming else 'starting'} in {run_dir}")
+            entry["status"] = "running"
             _write_status(out, plan, reference, overrides, status)
-            return {"runs": status, "interrupted": run.name, "plots": plotted}
-        _write_status(out, plan, reference, overrides, status)
-        last = i == len(runs) or entry["status"] == "interrupted"  # plots take a second: at the end
-        plotted = write_report(_rows(runs, configs, status, out), out, reference,
-                               f"Ablation: {Path(plan).stem}", plots=last)
-        if entry["status"] == "interrupted":
-            return {"runs": status, "interrupted": run.name, "plots": plotted}
-    return {"runs": status, "interrupted": None, "plots": plotted}
+            try:
+                results = _train_one(run_dir, cfg, quiet)
+                reason = results["stop_reason"]
+                entry.update(stop_reason=reason, status="interrupted"
+                             if reason == "interrupted" else status_of(results))
+            except (LstmlmError, RuntimeError, FloatingPointError) as e:  # the plan goes on
+                message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                entry.update(status="failed", error=message)
+                _log(quiet, f"{tag} failed: {message}")
+            except KeyboardInterrupt:  # a second Ctrl-C, or one outside training: checkpoints hold
+                entry.update(status="interrupted", stop_reason="interrupted")
+                _write_status(out, plan, reference, overrides, status)
+                return {"runs": status, "interrupted": run.name, "plots": plotted}
+            _write_status(out, plan, reference, overrides, status)
+            # Plots take a second: only at the end.
+            last = i == len(runs) or entry["status"] == "interrupted"
+            plotted = write_report(_rows(runs, configs, status, out), out, reference,
+                                   f"Ablation: {Path(plan).stem}", plots=last)
+            if entry["status"] == "interrupted":
+                return {"runs": status, "interrupted": run.name, "plots": plotted}
+        return {"runs": status, "interrupted": None, "plots": plotted}
 
 
 def _log(quiet: bool, message: str) -> None:

@@ -8,6 +8,7 @@
                           hidden state, and the trainer's counters (JSON in the file's metadata)
       metrics.jsonl       one JSON object per validation
       results.json        final summary: best validation, test perplexity of the best weights
+      .lock               held (flock) by the one process that trains into the directory
 
 Every file is written to a temporary name, fsynced and renamed, so a run killed at any moment
 keeps its previous good files (metrics.jsonl is appended to instead; a resume drops a line a
@@ -16,6 +17,8 @@ kill cut short). Nothing here unpickles: tensors are safetensors, the rest JSON.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 from pathlib import Path
 
@@ -36,6 +39,7 @@ WEIGHTS = "model.safetensors"
 STATE = "state.safetensors"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
+LOCK = ".lock"
 
 
 class RunDirError(LstmlmError):
@@ -66,17 +70,43 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
     return tensors, metadata
 
 
+@contextlib.contextmanager
+def locked(run_dir: Path, enabled: bool = True):
+    """Train into `run_dir` (created if new) as its only writer. A second process training
+    into it, a second `--resume` of a run still going or two runs given one --out, would mix
+    its checkpoints and metrics with the first's. The kernel releases the lock when the holder
+    ends, even by SIGKILL, so a crash never leaves a run locked. `enabled=False` (DDP ranks
+    other than 0, which do not write) makes it do nothing."""
+    if not enabled:
+        yield
+        return
+    run_dir = Path(run_dir)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        lock = open(run_dir / LOCK, "a")
+    except OSError as e:
+        raise RunDirError(f"cannot write run directory {run_dir}: {e.strerror}") from None
+    with lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise RunDirError(
+                f"{run_dir} is in use: another lstmlm process is training into it; let it "
+                "finish or stop it (Ctrl-C saves a checkpoint), or choose another --out") from None
+        yield
+
+
 def create_run_dir(run_dir: Path, cfg: Config, vocab: Vocab) -> None:
-    """A new run directory with its config and vocabulary; refuses to overwrite another run."""
+    """A new run's config and vocabulary, in a directory `locked` made; refuses to overwrite
+    another run."""
     run_dir = Path(run_dir)
     if (run_dir / CONFIG).exists():
         raise RunDirError(
             f"{run_dir} already holds a run; continue it with `lstmlm train --resume {run_dir}` "
             "or choose another --out")
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
         vocab.save(run_dir / VOCAB)
         write_config(run_dir, cfg, len(vocab))
     except OSError as e:

@@ -19,6 +19,7 @@ import dataclasses
 import json
 import math
 import signal
+import threading
 import sys
 import time
 from dataclasses import dataclass
@@ -594,6 +595,10 @@ class _StopOnSignal:
         self.trainer = trainer
 
     def __enter__(self):
+        # Only the main thread may set handlers; a run in another thread stops by its budgets.
+        if threading.current_thread() is not threading.main_thread():
+            self.previous = {}
+            return
         self.previous = {s: signal.signal(s, self.handle) for s in (signal.SIGINT, signal.SIGTERM)}
 
     def handle(self, signum, frame):
@@ -650,9 +655,10 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
                               "weights; to average from the start use ntasgd or average_from")
         corpus = load_corpus(resolve_data(cfg.data))
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
-        if trainer.group.is_main:
-            ckpt.create_run_dir(Path(out), cfg, corpus.vocab)
-        return _train(trainer, corpus)
+        with ckpt.locked(out, trainer.group.is_main):
+            if trainer.group.is_main:
+                ckpt.create_run_dir(out, cfg, corpus.vocab)
+            return _train(trainer, corpus)
     run_dir = Path(resume)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
     overrides = _recorded(overrides)
@@ -670,17 +676,18 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
     cfg.update(overrides)
     corpus = _corpus_of(run_dir, cfg, vocab_size)
     trainer = Trainer(cfg, corpus, run_dir, quiet=quiet)
-    if has_state:
-        trainer.load_state()
-    else:  # stopped before its first checkpoint: nothing was lost but the time
-        trainer.log(f"{run_dir} has no {ckpt.STATE} yet (stopped before its first checkpoint): "
-                    "training from the start")
-    trainer.trim_metrics()
-    if trainer.group.is_main:  # what a kill inside a write left behind (fileio.atomic_write)
-        for stale in run_dir.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-    trainer._write(lambda: ckpt.write_config(run_dir, cfg, vocab_size))
-    return _train(trainer, corpus)
+    with ckpt.locked(run_dir, trainer.group.is_main):
+        if has_state:
+            trainer.load_state()
+        else:  # stopped before its first checkpoint: nothing was lost but the time
+            trainer.log(f"{run_dir} has no {ckpt.STATE} yet (stopped before its first checkpoint): "
+                        "training from the start")
+        trainer.trim_metrics()
+        if trainer.group.is_main:  # what a kill inside a write left behind (fileio.atomic_write)
+            for stale in run_dir.glob(".*.tmp"):
+                stale.unlink(missing_ok=True)
+        trainer._write(lambda: ckpt.write_config(run_dir, cfg, vocab_size))
+        return _train(trainer, corpus)
 
 
 def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None = None,
@@ -705,12 +712,13 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     path = run_dir / ckpt.WEIGHTS
     ckpt.load_weights(trainer.model, ckpt.read_tensors(path)[0], path)
     trainer.start_averaging()
-    if trainer.group.is_main:
-        ckpt.create_run_dir(out, cfg, corpus.vocab)
-    # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
-    trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data)
-    trainer.model.train()
-    trainer.save_best_weights()
-    trainer.log(f"{run_dir}: valid ppl {perplexity(trainer.state.best_valid_loss):.2f} to beat")
-    trainer.save_state()  # step 0: a resume starts from the base weights, not from a new model
-    return _train(trainer, corpus)
+    with ckpt.locked(out, trainer.group.is_main):
+        if trainer.group.is_main:
+            ckpt.create_run_dir(out, cfg, corpus.vocab)
+        # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
+        trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data)
+        trainer.model.train()
+        trainer.save_best_weights()
+        trainer.log(f"{run_dir}: valid ppl {perplexity(trainer.state.best_valid_loss):.2f} to beat")
+        trainer.save_state()  # step 0: a resume starts from the base weights, not from a new model
+        return _train(trainer, corpus)
