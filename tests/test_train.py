@@ -1,4 +1,5 @@
 import dataclasses
+import errno
 import json
 import math
 import os
@@ -309,6 +310,16 @@ def test_two_new_runs_in_one_folder_are_refused(corpus, tmp_path):
         with pytest.raises(ckpt.RunDirError, match="in use"):
             run_training(tiny(corpus), out=tmp_path / "new", quiet=True)
     assert sorted(p.name for p in (tmp_path / "new").iterdir()) == [ckpt.LOCK]
+
+
+def test_a_file_system_without_locks_still_trains(corpus, tmp_path, monkeypatch):
+    import fcntl
+
+    def no_locks(*args):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    assert run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=True)["steps"] == 2
 
 
 def test_training_runs_in_a_thread_other_than_the_main_one(corpus, tmp_path):

@@ -18,7 +18,6 @@ kill cut short). Nothing here unpickles: tensors are safetensors, the rest JSON.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 from pathlib import Path
 
@@ -88,6 +87,8 @@ def locked(run_dir: Path, enabled: bool = True):
         lock = open(run_dir / LOCK, "a")
     except OSError as e:
         raise RunDirError(f"cannot write run directory {run_dir}: {e.strerror}") from None
+    import fcntl  # POSIX only: importing lstmlm for inference needs no lock
+
     with lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -95,6 +96,8 @@ def locked(run_dir: Path, enabled: bool = True):
             raise RunDirError(
                 f"{run_dir} is in use: another lstmlm process is training into it; let it "
                 "finish or stop it (Ctrl-C saves a checkpoint), or choose another --out") from None
+        except OSError:  # a file system without locks (some network ones): train unguarded
+            pass
         yield
 
 
