@@ -490,8 +490,14 @@ def test_lstmlm_warnings_are_formatted_only_while_a_command_runs(capsys):
     assert warnings.formatwarning is before
 
 
+def test_version(capsys):
+    with pytest.raises(SystemExit) as stop:
+        main(["--version"])
+    assert stop.value.code == 0
+    assert capsys.readouterr().out == f"lstmlm {lstmlm.__version__} (torch {torch.__version__})\n"
+
+
 def test_evaluate_help_gives_the_real_defaults(capsys):
-    """The parser imports no torch (a fast --help), so it states the defaults as text."""
     from lstmlm import cache, dynamic
 
     with pytest.raises(SystemExit):

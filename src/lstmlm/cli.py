@@ -16,9 +16,26 @@ import time
 import warnings
 from pathlib import Path
 
+import torch
+
+from . import __version__
+from .ablate import run_plan
 from .allocator import keep_freed_memory
+from .api import load
+from .cache import (DEFAULT_LAMBDA, DEFAULT_THETA, DEFAULT_WINDOW, cache_evaluate, cache_search,
+                    check_cache)
+from .checkpoint import load_run
 from .config import FIELDS, list_presets, load_preset, parse_assignment, parse_value
+from .data import batchify, find_split_files, read_lines, read_text, split_lines
+from .datasets import resolve_data
+from .dynamic import (DEFAULT_BPTT, DEFAULT_DECAY, DEFAULT_LR, DEFAULT_STAT_BATCHES, check_dynamic,
+                      dynamic_evaluate)
 from .errors import LstmlmError
+from .evaluate import evaluate, perplexity
+from .export import check_export, export_model
+from .generate import check_sampling, detokenize, sample
+from .report import report
+from .train import run_finetune, run_training
 
 
 class ArgumentParser(argparse.ArgumentParser):
@@ -54,7 +71,6 @@ def cmd_presets(args) -> None:
 
 
 def cmd_train(args) -> None:
-    from .train import run_training
 
     overrides = config_overrides(args)
     if args.resume:
@@ -90,7 +106,6 @@ def print_json(obj) -> None:
 
 
 def cmd_finetune(args) -> None:
-    from .train import run_finetune
 
     out = Path(args.out) if args.out else None
     print_results(run_finetune(Path(args.run_dir), out, config_overrides(args)))
@@ -98,9 +113,6 @@ def cmd_finetune(args) -> None:
 
 def check_evaluate_options(args) -> None:
     """Refuse impossible or unused cache / dynamic evaluation options before loading anything."""
-    from .cache import DEFAULT_LAMBDA, DEFAULT_THETA, DEFAULT_WINDOW, check_cache
-    from .dynamic import (DEFAULT_BPTT, DEFAULT_DECAY, DEFAULT_LR, DEFAULT_STAT_BATCHES,
-                          check_dynamic)
 
     cache = args.cache or args.cache_search
     if cache and args.dynamic:
@@ -126,10 +138,6 @@ def check_evaluate_options(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-    from .checkpoint import load_run
-    from .data import batchify, find_split_files, read_lines
-    from .datasets import resolve_data
-    from .evaluate import evaluate, perplexity
 
     check_evaluate_options(args)
     cache = args.cache or args.cache_search
@@ -150,7 +158,6 @@ def cmd_evaluate(args) -> None:
     result = {"split": args.split}
     start = time.perf_counter()
     if cache:
-        from .cache import cache_evaluate, cache_search
 
         if args.cache_search:
             valid = ids if args.split == "valid" else vocab.encode(
@@ -170,7 +177,6 @@ def cmd_evaluate(args) -> None:
         method = (f", cache window {args.cache_window} theta {args.cache_theta} "
                   f"lambda {args.cache_lambda}")
     elif args.dynamic:
-        from .dynamic import dynamic_evaluate
 
         train = vocab.encode(read_lines(files["train"]))[0].to(ids.device)
         loss, tokens = dynamic_evaluate(model, data, train, args.dynamic_bptt, args.dynamic_lr,
@@ -202,7 +208,6 @@ def cmd_evaluate(args) -> None:
 
 def read_input(source: str) -> str:
     """The UTF-8 text of FILE, or of stdin for '-'; one clear line for anything else."""
-    from .data import read_text
 
     text = read_text(source)
     if not text.strip():
@@ -212,9 +217,6 @@ def read_input(source: str) -> str:
 
 
 def cmd_score(args) -> None:
-    from .api import load
-    from .data import split_lines
-    from .evaluate import perplexity
 
     lm = load(args.run_dir, args.device)
     lines = split_lines(read_input(args.file))
@@ -235,8 +237,6 @@ def cmd_score(args) -> None:
 
 
 def cmd_export(args) -> None:
-    from .checkpoint import load_run
-    from .export import check_export, export_model
 
     check_export(args.format, Path(args.out))
     _, vocab, model = load_run(Path(args.run_dir))
@@ -246,8 +246,6 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-    from .api import load
-    from .generate import check_sampling, sample
 
     check_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.num_samples,
                    args.seed)
@@ -267,8 +265,6 @@ def cmd_generate(args) -> None:
             space = "" if word == "<eos>" else " "  # no space at the start of a line
         print()
         return
-    import torch
-    from .generate import detokenize
 
     rows = torch.stack(list(steps), dim=1).tolist()
     for i, row in enumerate(rows):
@@ -278,7 +274,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_ablate(args) -> None:
-    from .ablate import run_plan
 
     overrides = config_overrides(args)
     if args.minutes_per_run is not None:
@@ -298,7 +293,6 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_report(args) -> None:
-    from .report import report
 
     reference = Path(args.reference) if args.reference else None
     markdown, plotted = report([Path(d) for d in args.run_dirs], Path(args.out), reference)
@@ -314,6 +308,8 @@ def add_device_flag(parser: argparse.ArgumentParser) -> None:
 
 def build_parser() -> ArgumentParser:
     parser = ArgumentParser(prog="lstmlm", description=" ".join(__doc__.split("\n\n")[0].split()))
+    parser.add_argument("--version", action="version",
+                        version=f"lstmlm {__version__} (torch {torch.__version__})")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=ArgumentParser)
 
     p = sub.add_parser("presets", help="list the shipped presets")
@@ -351,25 +347,26 @@ def build_parser() -> ArgumentParser:
     g.add_argument("--cache", action="store_true",
                    help="mix the model with a cache of its recent hidden states and next words")
     g.add_argument("--cache-window", type=int, metavar="W",
-                   help="hidden states in the cache (default 3785)")
+                   help=f"hidden states in the cache (default {DEFAULT_WINDOW})")
     g.add_argument("--cache-theta", type=float, metavar="T",
-                   help="sharpness of the cache's attention (default 0.662)")
+                   help=f"sharpness of the cache's attention (default {DEFAULT_THETA})")
     g.add_argument("--cache-lambda", type=float, metavar="L",
-                   help="weight of the cache in the mixture, in [0, 1] (default 0.1279)")
+                   help=f"weight of the cache in the mixture, in [0, 1] (default {DEFAULT_LAMBDA})")
     g.add_argument("--cache-search", action="store_true",
                    help="choose theta and lambda on the valid split (small grid), then evaluate "
                         "--split with the best pair")
     g = p.add_argument_group("dynamic evaluation")
     g.add_argument("--dynamic", action="store_true",
                    help="adapt a copy of the weights to the text as it is scored")
-    g.add_argument("--dynamic-lr", type=float, metavar="LR", help="step size (default 5e-05)")
+    g.add_argument("--dynamic-lr", type=float, metavar="LR",
+                   help=f"step size (default {DEFAULT_LR})")
     g.add_argument("--dynamic-decay", type=float, metavar="D",
-                   help="pull toward the trained weights, in [0, 1] (default 0.002)")
+                   help=f"pull toward the trained weights, in [0, 1] (default {DEFAULT_DECAY})")
     g.add_argument("--dynamic-bptt", type=int, metavar="N",
-                   help="tokens per segment, one update each (default 5)")
+                   help=f"tokens per segment, one update each (default {DEFAULT_BPTT})")
     g.add_argument("--dynamic-batches", type=int, metavar="N",
                    help="training batches (100 streams x --dynamic-bptt tokens each) for the "
-                        "gradient statistics (default 100)")
+                        f"gradient statistics (default {DEFAULT_STAT_BATCHES})")
     p.set_defaults(func=cmd_evaluate)
 
     p = sub.add_parser(

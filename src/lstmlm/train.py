@@ -19,8 +19,8 @@ import dataclasses
 import json
 import math
 import signal
-import threading
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
