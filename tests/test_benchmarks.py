@@ -167,3 +167,14 @@ def test_kernels_prints_every_case():
     times = [float(line.split(" ms")[0].split()[-1]) for line in done.stdout.splitlines()
              if " ms" in line]
     assert len(times) == 26 and all(t > 0 for t in times)
+
+
+def test_corpus_benchmark_json(tmp_path):
+    script = SCRIPT.with_name("corpus.py")
+    done = subprocess.run([sys.executable, str(script), "--tokens", "3000", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    result = json.loads(done.stdout)["this"]
+    assert result["train_tokens"] > 3000  # the words and one <eos> per line
+    for key in ("tokenize_s", "cached_load_s", "tokenize_peak_mb", "cached_peak_mb"):
+        assert isinstance(result[key], (int, float)) and result[key] >= 0, key

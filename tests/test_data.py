@@ -46,6 +46,18 @@ def test_eos_per_line_and_unknown_words(tmp_path):
     assert v.words[0] == EOS and v.words[1] == "b"
 
 
+def test_a_literal_unk_is_a_known_word_and_lines_are_read_once(tmp_path):
+    d = write_corpus(tmp_path, "a <unk> b\n", "<unk> zebra <unk>\n", "b\n")
+    corpus = tokenize(data.find_split_files(d))
+    assert corpus.vocab.decode(corpus.valid.tolist()) == [UNK, UNK, UNK, EOS]
+    assert corpus.unknown == {"train": 0, "valid": 1, "test": 0}  # zebra only
+    # Both take any iterable of lines, a generator included, and read it once.
+    vocab = Vocab.from_lines(line.split() for line in ["x y x", ""])
+    assert vocab.words == ["x", EOS, "y", UNK]  # x and <eos> twice, in first-seen order
+    ids, unknown = vocab.encode(line.split() for line in ["y z", "x"])
+    assert ids.dtype == torch.long and ids.tolist() == [2, 3, 1, 0, 1] and unknown == 1
+
+
 def test_wiki_token_file_names_and_crlf(tmp_path):
     d = write_corpus(tmp_path, "x y\r\nz\r\n", "x\n", "y\n",
                      names=("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"))
