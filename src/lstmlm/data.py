@@ -193,11 +193,20 @@ class Corpus:
         return text
 
 
+def sha256_file(path: Path) -> str:
+    """The file's sha256 (hex), read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def _files_digest(files: dict[str, Path]) -> str:
     h = hashlib.sha256(f"lstmlm-corpus-{CACHE_FORMAT}".encode())
     for split in SPLITS:
         h.update(split.encode())
-        h.update(hashlib.sha256(files[split].read_bytes()).digest())
+        h.update(bytes.fromhex(sha256_file(files[split])))
     return h.hexdigest()
 
 

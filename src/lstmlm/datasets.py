@@ -14,7 +14,6 @@ download is careful because a later run trusts whatever it finds there:
 from __future__ import annotations
 
 import gzip
-import hashlib
 import http.client
 import os
 import secrets
@@ -29,7 +28,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from .data import SPLITS, CorpusError, cache_root, count_tokens, find_split_files
+from .data import SPLITS, CorpusError, cache_root, count_tokens, find_split_files, sha256_file
 from .errors import LstmlmError
 from .fileio import fsync_dir
 
@@ -261,18 +260,10 @@ def _copy_members(entries: dict, open_entry, members: dict[str, str], dest: Path
             os.fsync(out.fileno())
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(path: Path, split: str, dataset: Dataset, name: str) -> None:
     """Check one extracted split against its sha256 (when known) or its token count."""
     if dataset.sha256 is not None:
-        expected, actual = dataset.sha256[split], _sha256_file(path)
+        expected, actual = dataset.sha256[split], sha256_file(path)
         if actual != expected:
             raise DownloadError(
                 f"{name}: the {split} split failed its sha256 checksum (expected {expected}, "
