@@ -21,7 +21,8 @@ against the alternative lstmlm chose not to use, at lstm-baseline's size (700 ro
 - and, for scale, matrix-product-bound pieces with their GFLOP/s: the decoder's forward product
   into either layout of the chunk; evaluation's loss of the chunk, its softmax in memory
   against `target_log_probs`'s tiles; the forward pass of an nn.LSTM(1150, 1150) over 70 time
-  steps at batch 10 (AWD-LSTM's validation batch) and batch 80 (its training batch); and a
+  steps at batch 10 (AWD-LSTM's validation batch) and batch 80 (its training batch), one
+  10-row recurrent product of that LSTM alone, and a 2048³ product for scale; and a
   memory copy, in GB/s read + written, the bound of a product whose weights stream from memory
   for few rows (at batch 10, the LSTM reads its 21 MB recurrent matrix at every time step);
   and how fast 8, 16, 21 and 32 MB are read again and again: how much of such a matrix the L3
@@ -157,6 +158,12 @@ def product_cases() -> dict:
 
         cases[f"nn.LSTM(1150, 1150) forward, 70 x {batch} tokens"] = (
             forward, 2 * 4 * 2300 * 1150 * 70 * batch, "GFLOP/s")
+    hidden, recurrent = torch.randn(10, 1150), torch.randn(4600, 1150)
+    cases["one recurrent product, 10 x 1150 by 1150 x 4600"] = (
+        lambda: torch.mm(hidden, recurrent.t()), 2 * 10 * 1150 * 4600, "GFLOP/s")
+    a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
+    cases["2048 x 2048 by 2048 x 2048, for scale"] = (lambda: torch.mm(a, b), 2 * 2048**3,
+                                                        "GFLOP/s")
     source, destination = torch.randn(64 * 2**20), torch.empty(64 * 2**20)  # 256 MB each
     cases["copy of 256 MB"] = (lambda: destination.copy_(source), 2 * source.nbytes, "GB/s")
     for mb in (8, 16, 21, 32):  # read 10 times in a row: from the cache, where it fits
