@@ -64,10 +64,20 @@ def test_generate_refuses_bad_arguments(lm):
     (lambda lm: lm.score([5]), "a text must be a string, got int"),
     (lambda lm: lm.score(None), "score takes a list of texts, got NoneType"),
     (lambda lm: lm.perplexity(None), "a text must be a string, got NoneType"),
+    (lambda lm: lm.score(["the"], continue_state="no"), "continue_state must be True or False"),
+    (lambda lm: lm.score(["the"], per_token=[]), "per_token must be True or False"),
+    (lambda lm: lm.generate("the", temperature=10**400), "temperature is too large"),
+    (lambda lm: lstmlm.load(None), "run_dir must be a path, got NoneType"),
+    (lambda lm: lstmlm.load(5), "run_dir must be a path, got int"),
 ])
 def test_arguments_of_the_wrong_type_get_one_clear_error(lm, call, message):
     with pytest.raises(LstmlmError, match=message):
         call(lm)
+
+
+def test_a_huge_integer_temperature_is_a_number_like_any_other(lm):
+    assert lm.generate("the", max_tokens=3, temperature=2**70, seed=1) == \
+        lm.generate("the", max_tokens=3, temperature=float(2**70), seed=1)
 
 
 def test_score_takes_any_iterable_of_texts(lm):

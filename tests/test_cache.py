@@ -55,6 +55,11 @@ def test_matches_the_slow_reference(lm, test_ids, batch, window, theta, lambd):
     assert math.exp(loss) == pytest.approx(math.exp(expected), rel=1e-5)
 
 
+def test_a_window_longer_than_the_stream_holds_the_whole_stream(lm, test_ids):
+    whole = cache_evaluate(lm.model, test_ids, 7, len(test_ids), 0.662, 0.3)
+    assert cache_evaluate(lm.model, test_ids, 7, 2**70, 0.662, 0.3) == whole
+
+
 def test_lambda_one_is_the_cache_alone(lm, test_ids):
     # A target the window never saw then has probability 0: an infinite loss, not an error.
     assert cache_evaluate(lm.model, test_ids, 8, 10, 0.662, 1.0)[0] == math.inf

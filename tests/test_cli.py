@@ -509,10 +509,35 @@ def test_evaluate_help_gives_the_real_defaults(capsys):
         assert f"(default {value})" in text, value
 
 
+@pytest.mark.parametrize("argv", [
+    ["train", "--resume", ""], ["train", "--preset", " "], ["train", "--out", ""],
+    ["finetune", "RUN", "--out", ""], ["evaluate", "RUN", "--data", ""], ["evaluate", ""],
+    ["export", "RUN", "--format", "onnx", "--out", ""], ["score", "RUN", ""],
+    ["generate", "", "--prompt", "a"], ["ablate", "--plan", "", "--out", "o"],
+    ["report", "RUN", "--reference", ""], ["report", "RUN", "--out", ""],
+])
+def test_an_empty_path_or_name_is_refused_not_taken_for_the_default(capsys, argv, tmp_path,
+                                                                     monkeypatch):
+    """`--resume "$RUN"` with RUN unset must not start a new run of the default preset."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as stop:
+        main(argv)
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.count("\n") == 1 and ": is empty (see lstmlm " in err
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command", [["evaluate", "x" * 300], ["train", "--resume", "x" * 300],
+                                     ["report", "x" * 300]])
+def test_a_name_too_long_for_the_file_system_is_one_line(capsys, command):
+    code, _, err = run(capsys, *command)
+    assert code == 1 and err == f"lstmlm: error: {'x' * 300}: File name too long\n"
+
+
 def test_the_console_script_prints_no_traceback(tmp_path):
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
-    proc = subprocess.run([sys.executable, "-m", "lstmlm", "evaluate", "/nonexistent"],
+    proc = subprocess.run([sys.executable, "-m", "lstmlm", "evaluate", "missing"],
                           capture_output=True, text=True, env=env, cwd=tmp_path, timeout=120)
     assert proc.returncode == 1
     assert proc.stdout == ""
-    assert proc.stderr == "lstmlm: error: /nonexistent: no such run directory\n"
+    assert proc.stderr == "lstmlm: error: missing: no such run directory\n"

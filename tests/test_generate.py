@@ -52,7 +52,7 @@ def test_top_p_keeps_the_smallest_set_that_reaches_p(top_p, size):
     assert kept(filter_logits(LOGITS, top_p=top_p)) == [set(range(size)), set(range(4 - size, 4))]
 
 
-@pytest.mark.parametrize("top_p", [1e-9, 1e-3])
+@pytest.mark.parametrize("top_p", [1e-50, 1e-9, 1e-3])  # 1e-50 is 0 in float32
 def test_top_p_always_keeps_the_most_likely_token(top_p):
     assert kept(filter_logits(LOGITS, top_p=top_p)) == [{0}, {3}]
 
@@ -117,6 +117,11 @@ def test_a_prompt_is_read_as_score_reads_a_text(lm):
 def test_greedy_ignores_the_seed(lm):
     texts = {lm.generate("a dog", max_tokens=10, temperature=0, seed=s) for s in range(3)}
     assert len(texts) == 1
+
+
+def test_a_tiny_top_p_samples_the_greedy_continuation(lm):
+    greedy = lm.generate("the", max_tokens=5, temperature=0)
+    assert lm.generate("the", max_tokens=5, top_p=1e-50, seed=3) == greedy
 
 
 def test_top_k_1_samples_the_greedy_continuation(lm):

@@ -549,6 +549,18 @@ def test_finetune_that_never_beats_the_base_keeps_the_base_weights(corpus, tmp_p
     assert all(torch.equal(kept[name], base_weights[name]) for name in kept)
 
 
+def test_finetune_refuses_another_model_shape_before_it_loads_anything(corpus, tmp_path):
+    base = tmp_path / "base"
+    run_training(tiny(corpus, max_steps=2), out=base, quiet=True)
+    with pytest.raises(ConfigError, match="shape cannot change: drop hidden_size, tie_weights"):
+        run_finetune(base, overrides={"hidden_size": 64, "tie_weights": True, "lr": 1.0},
+                     quiet=True)
+    assert not (tmp_path / "base-finetune").exists()
+    # The same values as the base are no change.
+    assert run_finetune(base, overrides={"hidden_size": 32, "max_steps": 2},
+                        quiet=True)["steps"] == 2
+
+
 def test_finetune_is_only_for_lstmlm_finetune(corpus, tmp_path):
     with pytest.raises(ConfigError, match="finetune is set by `lstmlm finetune RUN`"):
         run_training(tiny(corpus, finetune=True, max_steps=2), out=tmp_path / "run", quiet=True)

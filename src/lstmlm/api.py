@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import warnings
 from pathlib import Path
 
@@ -19,6 +20,9 @@ class LanguageModel:
     """A trained model with its vocabulary and config, ready for inference."""
 
     def __init__(self, run_dir: str | Path, device: str = "cpu"):
+        if not isinstance(run_dir, (str, os.PathLike)):
+            raise LstmlmError(f"run_dir must be a path, got {type(run_dir).__name__} "
+                              f"{run_dir!r:.40}")
         keep_freed_memory()
         self.run_dir = Path(run_dir).expanduser()
         self.config, self.vocab, self.model = load_run(self.run_dir, device)
@@ -72,6 +76,9 @@ class LanguageModel:
         """
         if isinstance(texts, str):
             raise LstmlmError("score takes a list of texts; for one text pass [text]")
+        for name, value in (("continue_state", continue_state), ("per_token", per_token)):
+            if not isinstance(value, bool):
+                raise LstmlmError(f"{name} must be True or False, got {value!r:.40}")
         try:
             texts = list(texts)
         except TypeError:

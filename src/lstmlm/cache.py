@@ -51,6 +51,7 @@ def model_and_cache_log_probs(model: LSTMLM, data: torch.Tensor, bptt: int, wind
     model.eval()
     if data.dim() == 1:
         data = data.unsqueeze(1)
+    window = min(window, data.size(0))  # a longer window holds no more (and overflows int64)
     hidden = model.init_hidden(data.size(1))
     past_h = past_y = None  # the last `window` outputs (M, batch, size) and next words (M, batch)
     model_lp, cache_lp = [], []

@@ -80,9 +80,9 @@ def locked(run_dir: Path, enabled: bool = True):
         yield
         return
     run_dir = Path(run_dir)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
     try:
+        if run_dir.exists() and not run_dir.is_dir():
+            raise RunDirError(f"{run_dir} exists and is not a directory; choose another --out")
         run_dir.mkdir(parents=True, exist_ok=True)
         lock = open(run_dir / LOCK, "a")
     except OSError as e:

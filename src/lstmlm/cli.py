@@ -45,6 +45,13 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def given(value: str) -> str:
+    """A path or name: an empty one (an unset shell variable) must not mean the default."""
+    if not value.strip():
+        raise argparse.ArgumentTypeError("is empty")
+    return value
+
+
 def add_config_flags(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("configuration (override any preset field)")
     group.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
@@ -71,16 +78,15 @@ def cmd_presets(args) -> None:
 
 
 def cmd_train(args) -> None:
-
     overrides = config_overrides(args)
-    if args.resume:
-        if args.preset or args.out:
+    if args.resume is not None:
+        if args.preset is not None or args.out is not None:
             raise LstmlmError("--resume continues a run as it was; drop --preset and --out")
         results = run_training(resume=Path(args.resume), overrides=overrides)
     else:
-        preset = args.preset or "lstm-baseline"
+        preset = args.preset if args.preset is not None else "lstm-baseline"
         cfg = load_preset(preset)
-        out = Path(args.out) if args.out else Path("runs") / Path(preset).stem
+        out = Path(args.out) if args.out is not None else Path("runs") / Path(preset).stem
         results = run_training(cfg, out=out, overrides=overrides)
     print_results(results)
 
@@ -106,8 +112,7 @@ def print_json(obj) -> None:
 
 
 def cmd_finetune(args) -> None:
-
-    out = Path(args.out) if args.out else None
+    out = Path(args.out) if args.out is not None else None
     print_results(run_finetune(Path(args.run_dir), out, config_overrides(args)))
 
 
@@ -138,7 +143,6 @@ def check_evaluate_options(args) -> None:
 
 
 def cmd_evaluate(args) -> None:
-
     check_evaluate_options(args)
     cache = args.cache or args.cache_search
     cfg, vocab, model = load_run(Path(args.run_dir), args.device)
@@ -217,7 +221,6 @@ def read_input(source: str) -> str:
 
 
 def cmd_score(args) -> None:
-
     lm = load(args.run_dir, args.device)
     lines = split_lines(read_input(args.file))
     results = lm.score(lines, continue_state=args.continue_state, per_token=args.per_token)
@@ -237,7 +240,6 @@ def cmd_score(args) -> None:
 
 
 def cmd_export(args) -> None:
-
     check_export(args.format, Path(args.out))
     _, vocab, model = load_run(Path(args.run_dir))
     out = export_model(model, args.format, Path(args.out), vocab.words)
@@ -246,7 +248,6 @@ def cmd_export(args) -> None:
 
 
 def cmd_generate(args) -> None:
-
     check_sampling(args.max_tokens, args.temperature, args.top_k, args.top_p, args.num_samples,
                    args.seed)
     lm = load(args.run_dir, args.device)
@@ -274,7 +275,6 @@ def cmd_generate(args) -> None:
 
 
 def cmd_ablate(args) -> None:
-
     overrides = config_overrides(args)
     if args.minutes_per_run is not None:
         overrides["max_minutes"] = args.minutes_per_run
@@ -293,8 +293,7 @@ def cmd_ablate(args) -> None:
 
 
 def cmd_report(args) -> None:
-
-    reference = Path(args.reference) if args.reference else None
+    reference = Path(args.reference) if args.reference is not None else None
     markdown, plotted = report([Path(d) for d in args.run_dirs], Path(args.out), reference)
     print(markdown, end="")
     if not plotted:
@@ -316,16 +315,16 @@ def build_parser() -> ArgumentParser:
     p.set_defaults(func=cmd_presets)
 
     p = sub.add_parser("train", help="train a model into a run directory")
-    p.add_argument("--preset", help="preset name (see `lstmlm presets`) or a .toml file; "
-                                    "default lstm-baseline")
-    p.add_argument("--out", help="run directory to create (default runs/PRESET)")
-    p.add_argument("--resume", metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    p.add_argument("--preset", type=given,
+                   help="preset name (see `lstmlm presets`) or a .toml file; default lstm-baseline")
+    p.add_argument("--out", type=given, help="run directory to create (default runs/PRESET)")
+    p.add_argument("--resume", type=given, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("finetune", help="AWD-LSTM fine-tuning of a run, into a new run directory")
-    p.add_argument("run_dir")
-    p.add_argument("--out", help="run directory to create (default RUN_DIR-finetune)")
+    p.add_argument("run_dir", type=given)
+    p.add_argument("--out", type=given, help="run directory to create (default RUN_DIR-finetune)")
     add_config_flags(p)
     p.set_defaults(func=cmd_finetune)
 
@@ -336,8 +335,9 @@ def build_parser() -> ArgumentParser:
                     "(--dynamic, Krause et al. 2018). Both default to batch size 1, the "
                     "papers' setting; with --batch-size N each of the N streams has its own "
                     "cache, while dynamic evaluation adapts one model shared by the streams.")
-    p.add_argument("run_dir")
-    p.add_argument("--data", help="data directory or dataset name (default: the run's)")
+    p.add_argument("run_dir", type=given)
+    p.add_argument("--data", type=given,
+                   help="data directory or dataset name (default: the run's)")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test")
     p.add_argument("--batch-size", type=int,
                    help="default: the run's valid/test batch size; 1 with --cache or --dynamic")
@@ -376,8 +376,8 @@ def build_parser() -> ArgumentParser:
                     "as <unk>; an empty line is a lone <eos>. By default each line starts from "
                     "a fresh state that has just read <eos> (independent sentences); with "
                     "--continue-state the state carries from line to line (one document).")
-    p.add_argument("run_dir")
-    p.add_argument("file", nargs="?", default="-", metavar="FILE",
+    p.add_argument("run_dir", type=given)
+    p.add_argument("file", type=given, nargs="?", default="-", metavar="FILE",
                    help="text file, one sentence per line; - or nothing: stdin")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--per-token", action="store_true", help="also each token's log-probability")
@@ -393,13 +393,13 @@ def build_parser() -> ArgumentParser:
                     "h0_out, c0_out, ...); tokens (time, batch) int64, each state (1, batch, "
                     "layer size), zeros for a fresh start. The vocabulary is RUN_DIR/vocab.txt "
                     "(line i is id i); TorchScript files also hold it as the extra file vocab.txt.")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=given)
     p.add_argument("--format", required=True, help="torchscript or onnx")
-    p.add_argument("--out", required=True, help="file to write")
+    p.add_argument("--out", type=given, required=True, help="file to write")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("generate", help="sample text from a trained model")
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", type=given)
     p.add_argument("--prompt", required=True)
     p.add_argument("--max-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
@@ -417,10 +417,11 @@ def build_parser() -> ArgumentParser:
                     "the same command after an interruption: finished runs are kept, an "
                     "interrupted one resumes. Config flags (--set KEY=VALUE, --hidden-size ...) "
                     "apply to every run.")
-    p.add_argument("--plan", required=True,
+    p.add_argument("--plan", type=given, required=True,
                    help="seed (lstm-baseline, awd-1 ... awd-9), paper (awd-lstm and its "
                         "leave-one-out variants) or a plan .toml file")
-    p.add_argument("--out", required=True, help="directory for the runs and the report")
+    p.add_argument("--out", type=given, required=True,
+                   help="directory for the runs and the report")
     p.add_argument("--minutes-per-run", type=float, metavar="M",
                    help="training budget of each run in minutes (or --epochs N, --max-steps S; "
                         "without any, each preset's own epochs)")
@@ -430,9 +431,10 @@ def build_parser() -> ArgumentParser:
     p = sub.add_parser("report", help="compare run directories: table and plots",
                        description="Write results.csv, results.md, curves.png and ablation.png "
                                    "comparing the given run directories.")
-    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
-    p.add_argument("--out", default=".", help="where to write the report (default: here)")
-    p.add_argument("--reference", metavar="RUN_DIR",
+    p.add_argument("run_dirs", type=given, nargs="+", metavar="RUN_DIR")
+    p.add_argument("--out", type=given, default=".",
+                   help="where to write the report (default: here)")
+    p.add_argument("--reference", type=given, metavar="RUN_DIR",
                    help="the run the others are compared with (default: the first)")
     p.set_defaults(func=cmd_report)
     for p in sub.choices.values():  # so that an unknown flag is reported by its command
@@ -466,6 +468,11 @@ def main(argv: list[str] | None = None) -> int:
     except BrokenPipeError:  # `lstmlm presets | head -1`: the reader has gone, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush
         return 141
+    except OSError as e:  # what the system refuses that no check foresaw: a name too long...
+        if os.environ.get("RANK", "0") == "0":
+            where = f"{e.filename}: " if e.filename else ""
+            sys.stderr.write(f"lstmlm: error: {where}{e.strerror or e}\n")
+        return 1
     finally:
         warnings.formatwarning = format_warning
     return 0

@@ -151,6 +151,10 @@ class Config:
         for name in ("batch_size", "bptt", "valid_batch_size", "test_batch_size",
                      "embedding_size", "hidden_size", "num_layers", "epochs"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
+        for name in ("batch_size", "bptt", "valid_batch_size", "test_batch_size",
+                     "embedding_size", "hidden_size", "last_hidden_size", "num_layers"):
+            need(getattr(self, name) < 2**31,  # sizes torch can index
+                 f"{name} must be below 2**31, got {getattr(self, name)}")
         need(fits_a_seed(self.seed), f"seed must be a 64-bit integer, got {self.seed}")
         for name, value in dataclasses.asdict(self).items():  # inf would pass the range checks
             need(not isinstance(value, float) or math.isfinite(value),
@@ -197,6 +201,9 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
+# Fields that shape the weights: a run's weights load only into a model that has the same.
+ARCHITECTURE = ("embedding_size", "hidden_size", "num_layers", "last_hidden_size", "softmax",
+                "adaptive_cutoffs", "adaptive_div_value", "tie_weights")
 
 
 def did_you_mean(name: str, choices) -> str:

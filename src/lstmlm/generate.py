@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -25,6 +26,8 @@ def check_sampling(max_tokens: int, temperature: float, top_k: int, top_p: float
     for name, value in {"temperature": temperature, "top-p": top_p}.items():
         if not isinstance(value, (int, float)) or isinstance(value, bool):
             raise LstmlmError(f"{name} must be a number, got {value!r}")
+        if abs(value) > sys.float_info.max:  # an int beyond any float
+            raise LstmlmError(f"{name} is too large, got {value}")
     if not 1 <= max_tokens <= MAX_TOKENS_LIMIT:
         raise LstmlmError(f"max tokens must be between 1 and {MAX_TOKENS_LIMIT:,}, got {max_tokens}")
     if not temperature >= 0:  # also refuses nan
@@ -51,6 +54,7 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens ranked before it already reach top_p.
         drop_sorted = probs.cumsum(-1) - probs >= top_p
+        drop_sorted[..., 0] = False  # even when top_p rounds to 0 in the logits' dtype
         drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
         logits[drop] = float("-inf")
     return logits
@@ -119,7 +123,7 @@ def sample(model: LSTMLM, prompt_ids: list[int] | list[list[int]], max_tokens: i
             # Shifted so the largest is 0, and the temperature kept above what the dtype rounds
             # to 0: a tiny temperature then gives 0 and -inf (greedy), never inf - inf or 0 / 0.
             shifted = logits - logits.max(-1, keepdim=True).values
-            scaled = shifted / max(temperature, torch.finfo(logits.dtype).tiny)
+            scaled = shifted / max(float(temperature), torch.finfo(logits.dtype).tiny)
             probs = torch.softmax(filter_logits(scaled, top_k, top_p), dim=-1)
             next_ids = torch.multinomial(probs, 1, generator=generator).squeeze(1)
         yield next_ids

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .allocator import keep_freed_memory
-from .config import Config, ConfigError
+from .config import ARCHITECTURE, Config, ConfigError
 from .data import Corpus, batchify, get_batch, load_corpus
 from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
@@ -276,8 +276,8 @@ class Trainer:
             raise DivergedError(
                 f"training diverged: {problem} after step {failed.step}, with "
                 f"{rollbacks - 1} rollback(s) to the last good state already used (lr now "
-                f"{lr:.3g}); {kept}: start a new run with a lower --lr or a --clip, or resume "
-                f"with a larger --max-nan-retries")
+                f"{lr:.3g}); {kept}: start a new run (another --out) with a lower --lr or a "
+                f"--clip, or resume with a larger --max-nan-retries")
         if self.has_checkpoint:
             self.load_state()
         else:
@@ -700,6 +700,10 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     overrides = _recorded(overrides)
     if "finetune" in overrides:
         raise ConfigError("lstmlm finetune always fine-tunes; drop --finetune")
+    reshaped = sorted(k for k in ARCHITECTURE if k in overrides and overrides[k] != getattr(cfg, k))
+    if reshaped:
+        raise ConfigError(f"fine-tuning starts from {run_dir}'s weights, so the model's shape "
+                          f"cannot change: drop {', '.join(reshaped)}")
     if cfg.optimizer != "sgd" and "optimizer" not in overrides:
         raise ConfigError(
             f"{run_dir} was trained with {cfg.optimizer}, and fine-tuning averages SGD steps: "
