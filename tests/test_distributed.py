@@ -106,6 +106,23 @@ def test_batch_that_does_not_split_is_refused(tiny_corpus, tmp_path):
     assert len(errors) == 1 and errors[0].startswith("lstmlm: error: ")  # rank 0's, whole
 
 
+def test_a_run_in_use_stops_every_rank_with_rank_0s_one_line(tiny_corpus, tmp_path):
+    run = tmp_path / "run"
+    run_training(Config(**dict(TINY, data=str(tiny_corpus), max_steps=2)), out=run, quiet=True)
+    with ckpt.locked(run):  # another process trains into it
+        proc = subprocess.run(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+             "-m", "lstmlm", "train", "--resume", str(run), "--max-steps", "4"],
+            capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="1"),
+            timeout=300)
+    assert proc.returncode != 0
+    errors = [line for line in proc.stderr.splitlines() if "lstmlm: error:" in line]
+    assert errors == [f"lstmlm: error: {run} is in use: another lstmlm process is training into "
+                      "it; let it finish or stop it (Ctrl-C saves a checkpoint), or choose "
+                      "another --out"]
+    assert "[rank1]" not in proc.stderr  # rank 1 stopped too, without a traceback of its own
+
+
 def children(pid: int) -> list[int]:
     kids = []
     for stat in os.listdir("/proc"):

@@ -305,6 +305,28 @@ def test_a_run_directory_has_one_writer_at_a_time(corpus, tmp_path):
     assert run_training(resume=run, overrides={"max_steps": 4}, quiet=True)["steps"] == 4
 
 
+def test_resume_looks_for_the_checkpoint_only_once_it_holds_the_run(corpus, tmp_path,
+                                                                    monkeypatch, capsys):
+    """A process that held the run may save and stop while a resume starts: the resume must
+    continue from that save, not train from step 0 over it."""
+    import lstmlm.train
+
+    run = tmp_path / "run"
+    run_training(tiny(corpus, max_steps=4, eval_interval=2), out=run, quiet=True)
+    saved = (run / ckpt.STATE).rename(tmp_path / "saved")
+    (run / ckpt.RESULTS).unlink()
+    corpus_of = lstmlm.train._corpus_of
+
+    def the_holder_saves_meanwhile(*args):
+        saved.rename(run / ckpt.STATE)
+        return corpus_of(*args)
+
+    monkeypatch.setattr(lstmlm.train, "_corpus_of", the_holder_saves_meanwhile)
+    results = run_training(resume=run, overrides={"max_steps": 6})
+    assert "training from the start" not in capsys.readouterr().err
+    assert results["steps"] == 6 and [m["step"] for m in metrics(run)] == [2, 4, 6]
+
+
 def test_two_new_runs_in_one_folder_are_refused(corpus, tmp_path):
     with ckpt.locked(tmp_path / "new"):  # created, locked, not yet holding a config
         with pytest.raises(ckpt.RunDirError, match="in use"):

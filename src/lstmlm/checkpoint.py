@@ -70,15 +70,11 @@ def read_tensors(path: Path) -> tuple[dict[str, torch.Tensor], dict]:
 
 
 @contextlib.contextmanager
-def locked(run_dir: Path, enabled: bool = True):
+def locked(run_dir: Path):
     """Train into `run_dir` (created if new) as its only writer. A second process training
     into it, a second `--resume` of a run still going or two runs given one --out, would mix
     its checkpoints and metrics with the first's. The kernel releases the lock when the holder
-    ends, even by SIGKILL, so a crash never leaves a run locked. `enabled=False` (DDP ranks
-    other than 0, which do not write) makes it do nothing."""
-    if not enabled:
-        yield
-        return
+    ends, even by SIGKILL, so a crash never leaves a run locked."""
     run_dir = Path(run_dir)
     try:
         if run_dir.exists() and not run_dir.is_dir():

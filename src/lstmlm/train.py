@@ -640,6 +640,27 @@ def _recorded(overrides: dict | None) -> dict:
     return overrides
 
 
+@contextlib.contextmanager
+def _claimed(trainer: Trainer, run_dir: Path, create=None):
+    """Hold the run directory's lock (ckpt.locked) for the body, after `create` has written a
+    new run's first files there. Rank 0 does both; every rank learns whether it could, so that
+    under torchrun no rank trains on alone into a collective that never comes (only rank 0's
+    error is printed)."""
+    with contextlib.ExitStack() as held:
+        failure = None
+        if trainer.group.is_main:
+            try:
+                held.enter_context(ckpt.locked(run_dir))
+                if create:
+                    create()
+            except LstmlmError as e:
+                failure = e
+        if distributed.reduce([float(failure is not None)], trainer.group, "max",
+                              trainer.device)[0]:
+            raise failure or ckpt.RunDirError(f"rank 0 could not take {run_dir}")
+        yield
+
+
 def run_training(cfg: Config | None = None, out: Path | None = None, resume: Path | None = None,
                  overrides: dict | None = None, quiet: bool = False) -> dict:
     """Start a new run in `out` with `cfg`, or continue the run in `resume`.
@@ -655,9 +676,7 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
                               "weights; to average from the start use ntasgd or average_from")
         corpus = load_corpus(resolve_data(cfg.data))
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
-        with ckpt.locked(out, trainer.group.is_main):
-            if trainer.group.is_main:
-                ckpt.create_run_dir(out, cfg, corpus.vocab)
+        with _claimed(trainer, out, lambda: ckpt.create_run_dir(out, cfg, corpus.vocab)):
             return _train(trainer, corpus)
     run_dir = Path(resume)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
@@ -668,15 +687,16 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
         raise ConfigError(
             f"cannot change {', '.join(frozen)} when resuming; only these can change: "
             f"{', '.join(RESUMABLE_OVERRIDES)}")
-    has_state = (run_dir / ckpt.STATE).is_file()
-    if cfg.finetune and not has_state:
-        raise ckpt.RunDirError(
-            f"{run_dir} is a fine-tuning run without a checkpoint, so its starting weights are "
-            f"lost; remove it and run `lstmlm finetune` on the base run again")
     cfg.update(overrides)
     corpus = _corpus_of(run_dir, cfg, vocab_size)
     trainer = Trainer(cfg, corpus, run_dir, quiet=quiet)
-    with ckpt.locked(run_dir, trainer.group.is_main):
+    with _claimed(trainer, run_dir):
+        # Only now: a process that held the run until a moment ago may have just saved.
+        has_state = (run_dir / ckpt.STATE).is_file()
+        if cfg.finetune and not has_state:
+            raise ckpt.RunDirError(
+                f"{run_dir} is a fine-tuning run without a checkpoint, so its starting weights "
+                f"are lost; remove it and run `lstmlm finetune` on the base run again")
         if has_state:
             trainer.load_state()
         else:  # stopped before its first checkpoint: nothing was lost but the time
@@ -716,9 +736,7 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     path = run_dir / ckpt.WEIGHTS
     ckpt.load_weights(trainer.model, ckpt.read_tensors(path)[0], path)
     trainer.start_averaging()
-    with ckpt.locked(out, trainer.group.is_main):
-        if trainer.group.is_main:
-            ckpt.create_run_dir(out, cfg, corpus.vocab)
+    with _claimed(trainer, out, lambda: ckpt.create_run_dir(out, cfg, corpus.vocab)):
         # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
         trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data)
         trainer.model.train()
