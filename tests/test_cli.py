@@ -534,6 +534,16 @@ def test_a_name_too_long_for_the_file_system_is_one_line(capsys, command):
     assert code == 1 and err == f"lstmlm: error: {'x' * 300}: File name too long\n"
 
 
+def test_running_out_of_python_memory_is_one_line(capsys, monkeypatch):
+    def no_memory():
+        raise MemoryError
+
+    monkeypatch.setattr("lstmlm.cli.list_presets", no_memory)
+    code, _, err = run(capsys, "presets")
+    assert code == 1 and err == "lstmlm: error: out of memory (MemoryError); use a smaller " \
+                                "model or batch size\n"
+
+
 def test_the_console_script_prints_no_traceback(tmp_path):
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
     proc = subprocess.run([sys.executable, "-m", "lstmlm", "evaluate", "missing"],

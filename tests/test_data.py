@@ -112,6 +112,7 @@ def test_a_cache_that_cannot_be_written_is_skipped(tmp_path):
     (b"", "contains no words"),
     (b"\n\n  \n", "contains no words"),
     (b"abc\x00\x01def", "binary"),
+    (b"word " * 300_000 + b"\x00", "binary"),  # past the first megabyte
     (b"caf\xe9 au lait\n", "not UTF-8"),
 ])
 def test_unusable_files(tmp_path, content, message):
@@ -128,6 +129,19 @@ def test_missing_split_and_directory(tmp_path):
         data.find_split_files(d)
     with pytest.raises(CorpusError, match="no such directory"):
         data.find_split_files(tmp_path / "nope")
+
+
+def test_an_endless_stream_of_nuls_is_refused_at_once():
+    with pytest.raises(CorpusError, match="/dev/zero: looks like a binary file"):
+        data.read_text("/dev/zero")
+
+
+def test_a_split_that_is_not_a_regular_file(tmp_path):
+    d = write_corpus(tmp_path, "a b\n", "a\n", "b\n")
+    (d / "train.txt").unlink()
+    (d / "train.txt").mkdir()
+    with pytest.raises(CorpusError, match=r"train.txt: not a regular file \(a directory, pipe"):
+        data.find_split_files(d)
 
 
 def test_vocab_round_trip(tmp_path):

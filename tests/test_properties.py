@@ -51,7 +51,7 @@ def test_read_lines_gives_words_or_a_corpus_error(scratch, raw):
     except UnicodeDecodeError:
         text = None
     try:
-        lines = read_lines(path)
+        lines = list(read_lines(path))
     except CorpusError as e:
         assert "\n" not in str(e)
         assert b"\x00" in raw or text is None or not text.split()

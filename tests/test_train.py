@@ -1,3 +1,4 @@
+import contextlib
 import dataclasses
 import errno
 import json
@@ -292,6 +293,7 @@ def test_a_run_directory_has_one_writer_at_a_time(corpus, tmp_path):
     run = tmp_path / "run"
     run_training(tiny(corpus, max_steps=2, epochs=2), out=run, quiet=True)
     (run / ckpt.RESULTS).unlink()  # as if it were still training
+    (run / f".{ckpt.STATE}.999.tmp").write_bytes(b"half")  # the holder's checkpoint being written
     before = snapshot(run)
     with ckpt.locked(run):  # what a process training into `run` holds
         with pytest.raises(ckpt.RunDirError, match="in use: another lstmlm process is training"):
@@ -309,19 +311,19 @@ def test_resume_looks_for_the_checkpoint_only_once_it_holds_the_run(corpus, tmp_
                                                                     monkeypatch, capsys):
     """A process that held the run may save and stop while a resume starts: the resume must
     continue from that save, not train from step 0 over it."""
-    import lstmlm.train
-
     run = tmp_path / "run"
     run_training(tiny(corpus, max_steps=4, eval_interval=2), out=run, quiet=True)
     saved = (run / ckpt.STATE).rename(tmp_path / "saved")
     (run / ckpt.RESULTS).unlink()
-    corpus_of = lstmlm.train._corpus_of
+    locked = ckpt.locked
 
-    def the_holder_saves_meanwhile(*args):
+    @contextlib.contextmanager
+    def the_holder_saves_then_lets_go(run_dir):
         saved.rename(run / ckpt.STATE)
-        return corpus_of(*args)
+        with locked(run_dir):
+            yield
 
-    monkeypatch.setattr(lstmlm.train, "_corpus_of", the_holder_saves_meanwhile)
+    monkeypatch.setattr(ckpt, "locked", the_holder_saves_then_lets_go)
     results = run_training(resume=run, overrides={"max_steps": 6})
     assert "training from the start" not in capsys.readouterr().err
     assert results["steps"] == 6 and [m["step"] for m in metrics(run)] == [2, 4, 6]
@@ -574,13 +576,13 @@ def test_finetune_that_never_beats_the_base_keeps_the_base_weights(corpus, tmp_p
 def test_finetune_refuses_another_model_shape_before_it_loads_anything(corpus, tmp_path):
     base = tmp_path / "base"
     run_training(tiny(corpus, max_steps=2), out=base, quiet=True)
-    with pytest.raises(ConfigError, match="shape cannot change: drop hidden_size, tie_weights"):
-        run_finetune(base, overrides={"hidden_size": 64, "tie_weights": True, "lr": 1.0},
+    with pytest.raises(ConfigError, match="shape cannot change: drop hidden_size, num_layers$"):
+        run_finetune(base, overrides={"hidden_size": 64, "num_layers": 2, "lr": 1.0},
                      quiet=True)
     assert not (tmp_path / "base-finetune").exists()
-    # The same values as the base are no change.
-    assert run_finetune(base, overrides={"hidden_size": 32, "max_steps": 2},
-                        quiet=True)["steps"] == 2
+    # The same values as the base are no change, nor is a last layer of the size 0 meant.
+    assert run_finetune(base, overrides={"hidden_size": 32, "last_hidden_size": 32,
+                                         "max_steps": 2}, quiet=True)["steps"] == 2
 
 
 def test_finetune_is_only_for_lstmlm_finetune(corpus, tmp_path):

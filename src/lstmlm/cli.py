@@ -162,7 +162,6 @@ def cmd_evaluate(args) -> None:
     result = {"split": args.split}
     start = time.perf_counter()
     if cache:
-
         if args.cache_search:
             valid = ids if args.split == "valid" else vocab.encode(
                 read_lines(files["valid"]))[0].to(ids.device)
@@ -181,7 +180,6 @@ def cmd_evaluate(args) -> None:
         method = (f", cache window {args.cache_window} theta {args.cache_theta} "
                   f"lambda {args.cache_lambda}")
     elif args.dynamic:
-
         train = vocab.encode(read_lines(files["train"]))[0].to(ids.device)
         loss, tokens = dynamic_evaluate(model, data, train, args.dynamic_bptt, args.dynamic_lr,
                                         args.dynamic_decay, args.dynamic_batches)
@@ -212,7 +210,6 @@ def cmd_evaluate(args) -> None:
 
 def read_input(source: str) -> str:
     """The UTF-8 text of FILE, or of stdin for '-'; one clear line for anything else."""
-
     text = read_text(source)
     if not text.strip():
         raise LstmlmError(f"{'stdin' if source == '-' else source}: no text to score (the input "
@@ -458,10 +455,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("lstmlm: interrupted", file=sys.stderr)
         return 130
-    except RuntimeError as e:  # torch's allocator, on the CPU or a GPU, says "allocate"
-        if "allocate" not in str(e):
+    except (RuntimeError, MemoryError) as e:  # torch's allocator says "allocate"
+        if isinstance(e, RuntimeError) and "allocate" not in str(e):
             raise
-        reason = " ".join(str(e).split("\n")[0].split())
+        reason = " ".join(str(e).split("\n")[0].split()) or "MemoryError"
         print(f"lstmlm: error: out of memory ({reason}); use a smaller model or batch size",
               file=sys.stderr)
         return 1

@@ -131,6 +131,17 @@ class Config:
         """Size of the last LSTM layer, which feeds the decoder."""
         return self.last_hidden_size or self.hidden_size
 
+    def shape(self) -> dict:
+        """What the weights' shapes follow, as the fields that set it: a run's weights load
+        only into a model of the same shape (0 for last_hidden_size and the adaptive fields
+        with the full softmax count as what they mean)."""
+        adaptive = self.softmax == "adaptive"
+        return {"embedding_size": self.embedding_size, "hidden_size": self.hidden_size,
+                "num_layers": self.num_layers, "last_hidden_size": self.output_size,
+                "softmax": self.softmax, "tie_weights": self.tie_weights,
+                "adaptive_cutoffs": self.cutoffs if adaptive else None,
+                "adaptive_div_value": self.adaptive_div_value if adaptive else None}
+
     @property
     def cutoffs(self) -> list[int]:
         """`adaptive_cutoffs` as ints. A string field, so that TOML, JSON and the command line
@@ -148,12 +159,12 @@ class Config:
             if not ok:
                 raise ConfigError(message)
 
-        for name in ("batch_size", "bptt", "valid_batch_size", "test_batch_size",
-                     "embedding_size", "hidden_size", "num_layers", "epochs"):
+        sizes = ("batch_size", "bptt", "valid_batch_size", "test_batch_size", "embedding_size",
+                 "hidden_size", "num_layers")
+        for name in sizes + ("epochs",):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
-        for name in ("batch_size", "bptt", "valid_batch_size", "test_batch_size",
-                     "embedding_size", "hidden_size", "last_hidden_size", "num_layers"):
-            need(getattr(self, name) < 2**31,  # sizes torch can index
+        for name in sizes + ("last_hidden_size",):  # sizes torch can index
+            need(getattr(self, name) < 2**31,
                  f"{name} must be below 2**31, got {getattr(self, name)}")
         need(fits_a_seed(self.seed), f"seed must be a 64-bit integer, got {self.seed}")
         for name, value in dataclasses.asdict(self).items():  # inf would pass the range checks
@@ -201,9 +212,6 @@ class Config:
 
 
 FIELDS = {f.name: f for f in dataclasses.fields(Config)}
-# Fields that shape the weights: a run's weights load only into a model that has the same.
-ARCHITECTURE = ("embedding_size", "hidden_size", "num_layers", "last_hidden_size", "softmax",
-                "adaptive_cutoffs", "adaptive_div_value", "tie_weights")
 
 
 def did_you_mean(name: str, choices) -> str:

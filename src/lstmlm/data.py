@@ -14,7 +14,7 @@ import os
 import sys
 from array import array
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,16 +50,21 @@ def read_text(source) -> str:
     """The UTF-8 text of a file (`-`: standard input), without a byte-order mark, with one
     clear error for anything that is not text."""
     name = "stdin" if str(source) == "-" else str(source)
+    raw = bytearray()  # grown a megabyte at a time: a NUL stops /dev/zero before memory runs out
     try:
-        raw = sys.stdin.buffer.read() if str(source) == "-" else Path(source).read_bytes()
+        with (open(sys.stdin.fileno(), "rb", closefd=False) if str(source) == "-"
+              else open(source, "rb")) as f:
+            while chunk := f.read(1 << 20):
+                if b"\x00" in chunk:
+                    raise CorpusError(f"{name}: looks like a binary file (contains NUL bytes); "
+                                      "pass plain UTF-8 text")
+                raw += chunk
     except FileNotFoundError:
         raise CorpusError(f"{name}: file not found") from None
     except IsADirectoryError:
         raise CorpusError(f"{name}: is a directory, expected a text file") from None
     except OSError as e:
         raise CorpusError(f"{name}: cannot read ({e.strerror})") from None
-    if b"\x00" in raw[:1 << 20]:
-        raise CorpusError(f"{name}: looks like a binary file (contains NUL bytes); pass plain UTF-8 text")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
@@ -68,9 +73,10 @@ def read_text(source) -> str:
             "convert it to UTF-8, e.g. with iconv") from None
 
 
-def read_lines(path: Path) -> list[list[str]]:
-    """Words of each line of a UTF-8 text file; a clear error for anything that is not text."""
-    return [line.split() for line in text_lines(path)]
+def read_lines(path: Path) -> Iterator[list[str]]:
+    """Words of each line of a UTF-8 text file, a line at a time; a clear error (at once) for
+    anything that is not text."""
+    return (line.split() for line in text_lines(path))
 
 
 def text_lines(path: Path) -> list[str]:
@@ -107,6 +113,10 @@ def find_split_files(directory: Path) -> dict[str, Path]:
     found = {}
     for split, names in SPLIT_FILES.items():
         path = next((directory / n for n in names if (directory / n).is_file()), None)
+        odd = next((directory / n for n in names if (directory / n).exists()), None)
+        if path is None and odd is not None:
+            raise CorpusError(f"{odd}: not a regular file (a directory, pipe or device); the "
+                              f"{split} split must be a text file")
         if path is None:
             raise CorpusError(
                 f"{directory}: missing the {split} split; expected a file named "

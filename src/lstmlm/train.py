@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .allocator import keep_freed_memory
-from .config import ARCHITECTURE, Config, ConfigError
+from .config import Config, ConfigError
 from .data import Corpus, batchify, get_batch, load_corpus
 from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
@@ -642,10 +642,10 @@ def _recorded(overrides: dict | None) -> dict:
 
 @contextlib.contextmanager
 def _claimed(trainer: Trainer, run_dir: Path, create=None):
-    """Hold the run directory's lock (ckpt.locked) for the body, after `create` has written a
-    new run's first files there. Rank 0 does both; every rank learns whether it could, so that
-    under torchrun no rank trains on alone into a collective that never comes (only rank 0's
-    error is printed)."""
+    """Take the run directory's lock (ckpt.locked), then let `create` write a new run's first
+    files, and hold the lock for the body. Rank 0 does both; every rank learns whether it
+    could, so that under torchrun no rank trains on alone into a collective that never comes
+    (only rank 0's error is printed)."""
     with contextlib.ExitStack() as held:
         failure = None
         if trainer.group.is_main:
@@ -665,7 +665,8 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
                  overrides: dict | None = None, quiet: bool = False) -> dict:
     """Start a new run in `out` with `cfg`, or continue the run in `resume`.
 
-    On resume only the budget fields (RESUMABLE_OVERRIDES) may be overridden.
+    On resume only the budget fields (RESUMABLE_OVERRIDES) may be overridden. It may run in a
+    thread other than the main one; there Ctrl-C and SIGTERM do not stop it, its budgets do.
     """
     if resume is None:
         cfg = dataclasses.replace(cfg)  # the caller's config stays theirs
@@ -717,19 +718,20 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     The base run is only read."""
     run_dir = Path(run_dir)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
+    base_shape = cfg.shape()
     overrides = _recorded(overrides)
     if "finetune" in overrides:
         raise ConfigError("lstmlm finetune always fine-tunes; drop --finetune")
-    reshaped = sorted(k for k in ARCHITECTURE if k in overrides and overrides[k] != getattr(cfg, k))
-    if reshaped:
-        raise ConfigError(f"fine-tuning starts from {run_dir}'s weights, so the model's shape "
-                          f"cannot change: drop {', '.join(reshaped)}")
     if cfg.optimizer != "sgd" and "optimizer" not in overrides:
         raise ConfigError(
             f"{run_dir} was trained with {cfg.optimizer}, and fine-tuning averages SGD steps: "
             f"pass --set optimizer=sgd and an SGD --lr (awd-lstm's is 30)")
     # Fine-tuning averages from its first step, which replaces any `average_from` of the base.
     cfg.update({"finetune": True, "ntasgd": True, "average_from": 0.0, **overrides})
+    reshaped = [k for k, v in cfg.shape().items() if v != base_shape[k] and k in overrides]
+    if reshaped:
+        raise ConfigError(f"fine-tuning starts from {run_dir}'s weights, so the model's shape "
+                          f"cannot change: drop {', '.join(reshaped)}")
     out = Path(out) if out else run_dir.with_name(run_dir.name + "-finetune")
     corpus = _corpus_of(run_dir, cfg, vocab_size)
     trainer = Trainer(cfg, corpus, out, quiet=quiet)
