@@ -118,7 +118,6 @@ def cmd_finetune(args) -> None:
 
 def check_evaluate_options(args) -> None:
     """Refuse impossible or unused cache / dynamic evaluation options before loading anything."""
-
     cache = args.cache or args.cache_search
     if cache and args.dynamic:
         raise LstmlmError("--cache and --dynamic cannot be combined; choose one")

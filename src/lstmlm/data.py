@@ -81,7 +81,7 @@ def read_lines(path: Path) -> Iterator[list[str]]:
 
 def text_lines(path: Path) -> list[str]:
     """The lines of a UTF-8 text file that has words in it. A corpus keeps its lines as strings
-    and splits one at a time: a list of every line's words costs about 10 x the text's size."""
+    and splits one at a time: a list of every line's words costs 10-15 x the text's size."""
     text = read_text(path)
     if not text.strip():
         raise CorpusError(f"{path}: contains no words; every split needs some text")
