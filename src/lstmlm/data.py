@@ -8,6 +8,7 @@ of valid/test that training never saw become `<unk>`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -52,7 +53,7 @@ def read_text(source) -> str:
     name = "stdin" if str(source) == "-" else str(source)
     raw = bytearray()  # grown a megabyte at a time: a NUL stops /dev/zero before memory runs out
     try:
-        with (open(sys.stdin.fileno(), "rb", closefd=False) if str(source) == "-"
+        with (contextlib.nullcontext(sys.stdin.buffer) if str(source) == "-"
               else open(source, "rb")) as f:
             while chunk := f.read(1 << 20):
                 if b"\x00" in chunk:
