@@ -541,7 +541,7 @@ def test_running_out_of_python_memory_is_one_line(capsys, monkeypatch):
     monkeypatch.setattr("lstmlm.cli.list_presets", no_memory)
     code, _, err = run(capsys, "presets")
     assert code == 1 and err == "lstmlm: error: out of memory (MemoryError); use a smaller " \
-                                "model or batch size\n"
+                                "model, batch size or input\n"
 
 
 def test_the_console_script_prints_no_traceback(tmp_path):

@@ -1,3 +1,4 @@
+import io
 import os
 import subprocess
 import sys
@@ -129,6 +130,44 @@ def test_missing_split_and_directory(tmp_path):
         data.find_split_files(d)
     with pytest.raises(CorpusError, match="no such directory"):
         data.find_split_files(tmp_path / "nope")
+
+
+def test_read_lines_refuses_a_bad_file_when_called_not_when_read(tmp_path):
+    (tmp_path / "bin.txt").write_bytes(b"a\x00b\n")
+    with pytest.raises(CorpusError, match="binary"):
+        data.read_lines(tmp_path / "bin.txt")  # not iterated
+
+
+def test_an_invalid_byte_is_located_in_the_file_as_it_is(tmp_path):
+    (tmp_path / "bom.txt").write_bytes(b"\xef\xbb\xbfabc \xff\n")
+    with pytest.raises(CorpusError, match=r"invalid byte 0xff at offset 7\)"):
+        data.read_text(tmp_path / "bom.txt")
+
+
+class OneEndOfFileThenNothing(io.RawIOBase):
+    """A terminal after one Ctrl-D: the text, one empty read, then a read that must not come."""
+
+    def __init__(self, text: bytes):
+        self.reads = [text, b""]
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        if not self.reads:
+            raise AssertionError("read again after the end of the input")
+        chunk = self.reads.pop(0)
+        buffer[: len(chunk)] = chunk
+        return len(chunk)
+
+
+def test_standard_input_ends_at_the_first_end_of_file(monkeypatch):
+    stdin = io.TextIOWrapper(io.BufferedReader(OneEndOfFileThenNothing(b"the cat\n")))
+    monkeypatch.setattr("sys.stdin", stdin)
+    assert data.read_text("-") == "the cat\n"
+    monkeypatch.setattr("sys.stdin", None)  # `lstmlm score RUN - <&-`
+    with pytest.raises(CorpusError, match="stdin is closed"):
+        data.read_text("-")
 
 
 def test_an_endless_stream_of_nuls_is_refused_at_once():

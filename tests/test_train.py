@@ -579,6 +579,9 @@ def test_finetune_refuses_another_model_shape_before_it_loads_anything(corpus, t
     with pytest.raises(ConfigError, match="shape cannot change: drop hidden_size, num_layers$"):
         run_finetune(base, overrides={"hidden_size": 64, "num_layers": 2, "lr": 1.0},
                      quiet=True)
+    # Said before the checks of the settings together (tying needs equal sizes).
+    with pytest.raises(ConfigError, match="shape cannot change: drop embedding_size, tie_weights"):
+        run_finetune(base, overrides={"embedding_size": 64, "tie_weights": True}, quiet=True)
     assert not (tmp_path / "base-finetune").exists()
     # The same values as the base are no change, nor is a last layer of the size 0 meant.
     assert run_finetune(base, overrides={"hidden_size": 32, "last_hidden_size": 32,

@@ -458,8 +458,8 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(e, RuntimeError) and "allocate" not in str(e):
             raise
         reason = " ".join(str(e).split("\n")[0].split()) or "MemoryError"
-        print(f"lstmlm: error: out of memory ({reason}); use a smaller model or batch size",
-              file=sys.stderr)
+        print(f"lstmlm: error: out of memory ({reason}); use a smaller model, batch size or "
+              "input", file=sys.stderr)
         return 1
     except BrokenPipeError:  # `lstmlm presets | head -1`: the reader has gone, not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # for the final flush

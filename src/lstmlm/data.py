@@ -8,6 +8,7 @@ of valid/test that training never saw become `<unk>`.
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -51,6 +52,8 @@ def read_text(source) -> str:
     """The UTF-8 text of a file (`-`: standard input), without a byte-order mark, with one
     clear error for anything that is not text."""
     name = "stdin" if str(source) == "-" else str(source)
+    if name == "stdin" and sys.stdin is None:
+        raise CorpusError("stdin is closed; pass a file, or pipe the text in")
     raw = bytearray()  # grown a megabyte at a time: a NUL stops /dev/zero before memory runs out
     try:
         with (contextlib.nullcontext(sys.stdin.buffer) if str(source) == "-"
@@ -60,6 +63,8 @@ def read_text(source) -> str:
                     raise CorpusError(f"{name}: looks like a binary file (contains NUL bytes); "
                                       "pass plain UTF-8 text")
                 raw += chunk
+                if len(chunk) < 1 << 20:  # the end (on a terminal, one Ctrl-D)
+                    break
     except FileNotFoundError:
         raise CorpusError(f"{name}: file not found") from None
     except IsADirectoryError:
@@ -69,8 +74,9 @@ def read_text(source) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
+        at = e.start + (3 if raw.startswith(codecs.BOM_UTF8) else 0)  # e.start is after a BOM
         raise CorpusError(
-            f"{name}: not UTF-8 text (invalid byte 0x{raw[e.start]:02x} at offset {e.start}); "
+            f"{name}: not UTF-8 text (invalid byte 0x{raw[at]:02x} at offset {at}); "
             "convert it to UTF-8, e.g. with iconv") from None
 
 

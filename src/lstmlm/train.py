@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .allocator import keep_freed_memory
-from .config import Config, ConfigError
+from .config import Config, ConfigError, coerce
 from .data import Corpus, batchify, get_batch, load_corpus
 from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
@@ -718,7 +718,6 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     The base run is only read."""
     run_dir = Path(run_dir)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
-    base_shape = cfg.shape()
     overrides = _recorded(overrides)
     if "finetune" in overrides:
         raise ConfigError("lstmlm finetune always fine-tunes; drop --finetune")
@@ -726,12 +725,17 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
         raise ConfigError(
             f"{run_dir} was trained with {cfg.optimizer}, and fine-tuning averages SGD steps: "
             f"pass --set optimizer=sgd and an SGD --lr (awd-lstm's is 30)")
-    # Fine-tuning averages from its first step, which replaces any `average_from` of the base.
-    cfg.update({"finetune": True, "ntasgd": True, "average_from": 0.0, **overrides})
-    reshaped = [k for k, v in cfg.shape().items() if v != base_shape[k] and k in overrides]
+    # The shape first: a changed one would fail the config's checks with less to the point.
+    wanted = dataclasses.replace(cfg)
+    for key, value in overrides.items():
+        setattr(wanted, key, coerce(key, value))
+    base = cfg.shape()
+    reshaped = [k for k, v in wanted.shape().items() if v != base[k] and k in overrides]
     if reshaped:
         raise ConfigError(f"fine-tuning starts from {run_dir}'s weights, so the model's shape "
                           f"cannot change: drop {', '.join(reshaped)}")
+    # Fine-tuning averages from its first step, which replaces any `average_from` of the base.
+    cfg.update({"finetune": True, "ntasgd": True, "average_from": 0.0, **overrides})
     out = Path(out) if out else run_dir.with_name(run_dir.name + "-finetune")
     corpus = _corpus_of(run_dir, cfg, vocab_size)
     trainer = Trainer(cfg, corpus, out, quiet=quiet)
