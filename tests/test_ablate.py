@@ -193,8 +193,10 @@ def test_a_failing_run_is_recorded_and_the_plan_goes_on(plan, tiny_corpus, tmp_p
     plan.write_text(text.replace('name = "awd"', 'name = "awd"\n[[run]]\npreset = "too-long.toml"'))
     out = tmp_path / "out"
     code, stdout, stderr = ablate(capsys, plan, tiny_corpus, out)
-    assert code == 0
+    assert code == 1  # after the report, so that a script sees it
     assert "too-long failed: bptt 5000 is longer" in stderr
+    assert stderr.endswith(f"lstmlm: error: 1 of 4 runs failed (too-long); see "
+                           f"{out / 'results.md'}\n")
     rows = {r["name"]: r for r in read_csv(out / "results.csv")}
     assert list(rows) == ["base", "awd", "too-long", "wide"]
     assert rows["too-long"]["status"] == "failed"
@@ -254,6 +256,29 @@ def test_a_dataset_name_stays_the_dataset_when_the_output_has_its_name(plan, tin
 
 
 # ---- plans ----------------------------------------------------------------------------------
+
+def test_a_run_is_checked_with_the_options_every_run_shares(tmp_path, tiny_corpus, capsys):
+    """Valid only with the shared --embedding-size: the plan alone must not be judged."""
+    write_toml(tmp_path / "tied.toml", {**TINY, **AWD})  # 16 and 16: tied
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[run]]\npreset = "tied.toml"\nset = {hidden_size = 12}\n')
+    code, _, stderr = ablate(capsys, plan, tiny_corpus, tmp_path / "out", "--embedding-size", 12)
+    assert code == 0, stderr
+    code, _, stderr = ablate(capsys, plan, tiny_corpus, tmp_path / "out2", "--embedding-size",
+                             16)
+    assert code == 1 and "run tied: tie_weights needs" in stderr
+
+
+def test_a_run_that_saved_nothing_says_how_to_start_it_anew(plan, tiny_corpus, tmp_path,
+                                                            capsys):
+    out = tmp_path / "out"
+    assert ablate(capsys, plan, tiny_corpus, out)[0] == 0
+    for name in (ckpt.STATE, ckpt.WEIGHTS, ckpt.RESULTS):
+        (out / "wide" / name).unlink()  # as if it had diverged before its first checkpoint
+    plan.write_text(plan.read_text().replace("hidden_size = 24", "hidden_size = 20"))
+    code, _, stderr = ablate(capsys, plan, tiny_corpus, out)
+    assert code == 1 and f"it saved nothing yet: remove {out / 'wide'} to start it" in stderr
+
 
 def test_shipped_plans():
     runs, reference = load_plan("seed")

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import run
 from lstmlm.config import Config
 from lstmlm.export import export_model, state_names
 from lstmlm.model import LSTMLM
+from tests.helpers import run, snapshot
 
 
 @pytest.fixture(scope="module")
@@ -120,6 +120,15 @@ def test_a_failed_write_keeps_the_old_file(capsys, monkeypatch, tiny_run, tmp_pa
                          "--out", tmp_path / "m.pt")
     assert code == 1 and "cannot write (No space left on device)" in err
     assert (tmp_path / "m.pt").read_bytes() == b"old"
+
+
+def test_an_export_never_replaces_the_runs_own_files(capsys, tiny_run):
+    before = snapshot(tiny_run)
+    for name in ("model.safetensors", "config.json"):
+        code, _, err = run(capsys, "export", tiny_run, "--format", "torchscript", "--out",
+                           tiny_run / ".." / tiny_run.name / name)
+        assert code == 1 and "is one of the run's own files" in err
+    assert snapshot(tiny_run) == before
 
 
 @pytest.mark.parametrize("args, message", [

@@ -63,6 +63,14 @@ def test_reference_and_default_out(two_runs, tmp_path, capsys, monkeypatch):
     assert "0.00 (ref)" in capsys.readouterr().out
 
 
+def test_a_run_given_twice_is_one_row(two_runs, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_run, wide = two_runs
+    assert main(["report", str(tiny_run), str(wide), f"{tiny_run}/"]) == 0
+    assert [r["name"] for r in read_csv(tmp_path / "results.csv")] == ["run", "wide"]
+    assert capsys.readouterr().out.count("(ref)") == 1
+
+
 def test_without_matplotlib_the_tables_are_still_written(two_runs, tmp_path, capsys,
                                                           monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # `import matplotlib` fails

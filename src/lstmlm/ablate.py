@@ -29,7 +29,8 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, did_you_mean, load_preset, packaged_tomls, read_toml
+from .config import (Config, ConfigError, coerce, did_you_mean, load_preset, packaged_tomls,
+                     read_toml)
 from .data import find_split_files
 from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
@@ -91,8 +92,10 @@ def load_plan(spec: str) -> tuple[list[PlanRun], str]:
             fail(f"run {i}: set must be a table, e.g. set = {{hidden_size = 650}}")
         if preset.endswith(".toml") and folder and (folder / preset).is_file():
             preset = str(folder / preset)  # preset files are found beside the plan
-        try:
-            load_preset(preset).update(overrides, source=f"run {i} set")
+        try:  # keys and types; the settings together are checked with the shared options
+            load_preset(preset)
+            for key, value in overrides.items():
+                coerce(key, value, source=f"run {i} set")
         except ConfigError as e:
             fail(f"run {i}: {e}")
         name = table.get("name", Path(preset).stem)
@@ -125,7 +128,10 @@ def common_overrides(overrides: dict) -> dict:
 def run_config(run: PlanRun, overrides: dict) -> Config:
     """The run's preset, then its plan overrides, then those every run shares."""
     cfg = load_preset(run.preset)
-    cfg.update({**run.overrides, **overrides}, source=f"run {run.name}")
+    try:
+        cfg.update({**run.overrides, **overrides}, source=f"run {run.name}")
+    except ConfigError as e:
+        raise ConfigError(f"run {run.name}: {e}") from None
     cfg.data = recorded_data(cfg.data)  # as the run directory records it
     return cfg
 
@@ -139,9 +145,12 @@ def check_run_dir(run_dir: Path, cfg: Config) -> None:
     changed = sorted(k for k, v in cfg.to_dict().items() if getattr(saved, k) != v
                      and (k in BUDGET or k == "data" or k not in RESUMABLE_OVERRIDES))
     if changed:
+        saved_nothing = not any((run_dir / f).is_file() for f in (ckpt.STATE, ckpt.WEIGHTS))
+        advice = (f"it saved nothing yet: remove {run_dir} to start it with these settings"
+                  if saved_nothing else "rerun with the options it was started with, or use "
+                  "another --out")
         raise ckpt.RunDirError(
-            f"{run_dir} holds a run with other settings ({', '.join(changed)}); rerun with "
-            "the options it was started with, or use another --out")
+            f"{run_dir} holds a run with other settings ({', '.join(changed)}); {advice}")
 
 
 def _train_one(run_dir: Path, cfg: Config, quiet: bool) -> dict:

@@ -39,6 +39,7 @@ STATE = "state.safetensors"
 METRICS = "metrics.jsonl"
 RESULTS = "results.json"
 LOCK = ".lock"
+RUN_FILES = (CONFIG, VOCAB, WEIGHTS, STATE, METRICS, RESULTS, LOCK)
 
 
 class RunDirError(LstmlmError):

@@ -24,7 +24,7 @@ from .allocator import keep_freed_memory
 from .api import load
 from .cache import (DEFAULT_LAMBDA, DEFAULT_THETA, DEFAULT_WINDOW, cache_evaluate, cache_search,
                     check_cache)
-from .checkpoint import load_run
+from .checkpoint import RUN_FILES, load_run
 from .config import FIELDS, list_presets, load_preset, parse_assignment, parse_value
 from .data import batchify, find_split_files, read_lines, read_text, split_lines
 from .datasets import resolve_data
@@ -236,6 +236,10 @@ def cmd_score(args) -> None:
 
 
 def cmd_export(args) -> None:
+    out, run_dir = Path(args.out), Path(args.run_dir)
+    if out.name in RUN_FILES and out.resolve().parent == run_dir.resolve():
+        raise LstmlmError(f"--out {out} is one of the run's own files; write the export to "
+                          f"another name, e.g. {run_dir / 'model.pt'}")
     check_export(args.format, Path(args.out))
     _, vocab, model = load_run(Path(args.run_dir))
     out = export_model(model, args.format, Path(args.out), vocab.words)
@@ -286,6 +290,10 @@ def cmd_ablate(args) -> None:
     if status["interrupted"]:
         print(f"lstmlm: ablation interrupted during {status['interrupted']}; rerun the same "
               "command to continue it from its last checkpoint", file=sys.stderr)
+    failed = [r["name"] for r in status["runs"] if r["status"] == "failed"]
+    if failed:
+        raise LstmlmError(f"{len(failed)} of {len(status['runs'])} runs failed "
+                          f"({', '.join(failed)}); see {table}")
 
 
 def cmd_report(args) -> None:

@@ -324,7 +324,10 @@ def write_report(rows: list[dict], out: Path, reference: str, title: str,
 def report(run_dirs: list[Path], out: Path, reference: Path | None = None) -> tuple[str, bool]:
     """`lstmlm report`: compare run directories; the reference (default the first) is added
     if it is not among them. Returns the Markdown table and whether the plots were written."""
-    run_dirs = [Path(d) for d in run_dirs]
+    unique: dict[Path, Path] = {}  # a run given twice is one row
+    for d in map(Path, run_dirs):
+        unique.setdefault(d.resolve(), d)
+    run_dirs = list(unique.values())
     if reference is not None and Path(reference).resolve() not in [d.resolve() for d in run_dirs]:
         run_dirs.insert(0, Path(reference))
     ref_dir = Path(reference) if reference is not None else run_dirs[0]
