@@ -29,8 +29,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from . import checkpoint as ckpt
-from .config import (Config, ConfigError, coerce, did_you_mean, load_preset, packaged_tomls,
-                     read_toml)
+from .config import Config, ConfigError, did_you_mean, load_preset, packaged_tomls, read_toml
 from .data import find_split_files
 from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
@@ -93,9 +92,7 @@ def load_plan(spec: str) -> tuple[list[PlanRun], str]:
         if preset.endswith(".toml") and folder and (folder / preset).is_file():
             preset = str(folder / preset)  # preset files are found beside the plan
         try:  # keys and types; the settings together are checked with the shared options
-            load_preset(preset)
-            for key, value in overrides.items():
-                coerce(key, value, source=f"run {i} set")
+            load_preset(preset).update(overrides, source=f"run {i} set", validate=False)
         except ConfigError as e:
             fail(f"run {i}: {e}")
         name = table.get("name", Path(preset).stem)

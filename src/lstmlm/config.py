@@ -117,11 +117,13 @@ class Config:
         cfg.update(values, source)
         return cfg
 
-    def update(self, values: dict, source: str = "config") -> None:
-        """Set fields from a dict of already-typed values (TOML or JSON), checking each."""
+    def update(self, values: dict, source: str = "config", validate: bool = True) -> None:
+        """Set fields from a dict of already-typed values (TOML or JSON), checking each; with
+        `validate`, then the settings together."""
         for key, value in values.items():
             setattr(self, key, coerce(key, value, source))
-        self.validate()
+        if validate:
+            self.validate()
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

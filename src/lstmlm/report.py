@@ -328,7 +328,7 @@ def report(run_dirs: list[Path], out: Path, reference: Path | None = None) -> tu
     for d in map(Path, run_dirs):
         unique.setdefault(d.resolve(), d)
     run_dirs = list(unique.values())
-    if reference is not None and Path(reference).resolve() not in [d.resolve() for d in run_dirs]:
+    if reference is not None and Path(reference).resolve() not in unique:
         run_dirs.insert(0, Path(reference))
     ref_dir = Path(reference) if reference is not None else run_dirs[0]
     names = [d.resolve().name for d in run_dirs]

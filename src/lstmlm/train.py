@@ -31,7 +31,7 @@ from tqdm import tqdm
 from . import checkpoint as ckpt
 from . import distributed
 from .allocator import keep_freed_memory
-from .config import Config, ConfigError, coerce
+from .config import Config, ConfigError
 from .data import Corpus, batchify, get_batch, load_corpus
 from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
@@ -727,8 +727,7 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
             f"pass --set optimizer=sgd and an SGD --lr (awd-lstm's is 30)")
     # The shape first: a changed one would fail the config's checks with less to the point.
     wanted = dataclasses.replace(cfg)
-    for key, value in overrides.items():
-        setattr(wanted, key, coerce(key, value))
+    wanted.update(overrides, validate=False)
     base = cfg.shape()
     reshaped = [k for k, v in wanted.shape().items() if v != base[k] and k in overrides]
     if reshaped:
