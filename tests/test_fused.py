@@ -1,6 +1,6 @@
 """The fused, chunked decoder + cross-entropy equals F.cross_entropy(F.linear(...)): loss and
 gradients, for any chunking, with and without a bias, with a tied weight, under no_grad, and
-inside LSTMLM.loss."""
+inside LSTMLM.loss. The tied lookup equals an embedding lookup and a split of its weight."""
 
 import pytest
 import torch
@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from lstmlm import fused
 from lstmlm.config import Config
-from lstmlm.fused import linear_cross_entropy, target_log_probs
+from lstmlm.fused import linear_cross_entropy, target_log_probs, tied_lookup
 from lstmlm.model import LSTMLM
 
 ROWS, IN, VOCAB = 24, 16, 50
@@ -144,6 +144,49 @@ def test_double_backward_raises():
     loss = linear_cross_entropy(x, weight, bias, targets)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(loss, weight, create_graph=True)
+
+
+def lookup_inputs(scaled, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(2)
+    weight = torch.randn(VOCAB, IN, generator=generator, dtype=dtype).requires_grad_()
+    tokens = torch.randint(VOCAB, (10, 4), generator=generator)  # 40 draws of 50: repeats
+    scale = None
+    if scaled:  # embedding dropout's mask: some words dropped, the rest scaled up
+        scale = (torch.rand(VOCAB, 1, generator=generator, dtype=dtype) > 0.3).to(dtype) / 0.7
+    return weight, tokens, scale
+
+
+def straightforward_lookup(weight, tokens, sizes, scale):
+    return F.embedding(tokens, weight if scale is None else weight * scale), weight.split(sizes)
+
+
+# the full softmax's one tied matrix; the adaptive softmax's clusters, one left out of the loss
+# (an untied tail), whose gradient autograd fills with zeros
+@pytest.mark.parametrize("sizes", [[VOCAB], [10, 15, 25]])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_tied_lookup_equals_a_lookup_and_a_split(sizes, scaled):
+    weight, tokens, scale = lookup_inputs(scaled)
+
+    def outputs_and_grad(lookup):
+        embedded, matrices = lookup(weight, tokens, sizes, scale)
+        loss = embedded.tanh().sum() * 3 + sum((k + 1) * m.pow(2).sum()
+                                               for k, m in enumerate(matrices[:2]))
+        return embedded, matrices, torch.autograd.grad(loss, weight)[0]
+
+    embedded, matrices, grad = outputs_and_grad(tied_lookup)
+    want_embedded, want_matrices, want_grad = outputs_and_grad(straightforward_lookup)
+    assert torch.equal(embedded, want_embedded)
+    assert [m.data_ptr() for m in matrices] == [m.data_ptr() for m in want_matrices]
+    torch.testing.assert_close(grad, want_grad, **TOL)
+    assert embedded.grad_fn is matrices[0].grad_fn  # one node: one gradient tensor
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_tied_lookup_gradcheck_in_double_precision(scaled):
+    weight, tokens, scale = lookup_inputs(scaled, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda w: tied_lookup(w, tokens, [20, 30], scale)[0].sin().sum()
+        + tied_lookup(w, tokens, [20, 30], scale)[1][0].pow(2).sum(), (weight,))
 
 
 def small_model(**kw):

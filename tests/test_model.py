@@ -67,6 +67,22 @@ def test_each_dropout_is_applied_where_its_name_says(monkeypatch, variational):
     assert calls == [(8, 0.1), (12, 0.2), (12, 0.2), (12, 0.3)]
 
 
+def test_embedding_dropout_drops_a_word_at_every_position():
+    model = LSTMLM(small(dropout_embedding=0.5), vocab_size=30).train()
+    tokens = torch.randint(0, 30, (40, 4))  # each word about five times
+    torch.manual_seed(0)
+    embedded, _ = model.embed(tokens)
+    weight, kept = model.embedding.weight, set()
+    for word in tokens.unique().tolist():
+        rows = embedded[tokens == word]
+        if not (rows == 0).all():
+            torch.testing.assert_close(rows, (weight[word] / 0.5).expand_as(rows))
+            kept.add(word)
+    assert 0 < len(kept) < len(tokens.unique())
+    model.eval()
+    assert torch.equal(model.embed(tokens)[0], weight[tokens])
+
+
 def test_initial_weights_follow_awd_lstm():
     """Embedding (and an untied decoder) uniform in [-0.1, 0.1], decoder bias 0."""
     model = LSTMLM(small(), vocab_size=3000)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from lstmlm.regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout,
+from lstmlm.regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout_mask,
                                  keep_mask, locked_dropout)
 
 
@@ -51,14 +51,16 @@ def test_locked_dropout_off_in_eval():
     assert locked_dropout(x, 0.5, training=False) is x
 
 
-def test_embedding_dropout_drops_whole_words():
+def test_embedding_dropout_mask_drops_whole_words():
     torch.manual_seed(0)
     weight = torch.randn(200, 8)
-    dropped = embedding_dropout(weight, 0.25, training=True)
-    zero_rows = (dropped == 0).all(dim=1)
-    assert 0.1 < zero_rows.float().mean() < 0.4
-    assert torch.allclose(dropped[~zero_rows], weight[~zero_rows] / 0.75)
-    assert embedding_dropout(weight, 0.25, training=False) is weight
+    mask = embedding_dropout_mask(weight, 0.25, training=True)
+    assert mask.shape == (200, 1)
+    dropped = mask.squeeze(1) == 0
+    assert 0.1 < dropped.float().mean() < 0.4
+    assert torch.all(mask[~dropped] == 1 / 0.75)
+    assert embedding_dropout_mask(weight, 0.25, training=False) is None
+    assert embedding_dropout_mask(weight, 0.0, training=True) is None
 
 
 def test_drop_connect_scales_kept_weights():

@@ -10,7 +10,7 @@ from torch.func import functional_call
 
 from . import fused
 from .config import Config, ConfigError
-from .regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout,
+from .regularizers import (activation_penalty, drop_connect, dropout, embedding_dropout_mask,
                            locked_dropout)
 from .softmax import AdaptiveSoftmax
 
@@ -81,11 +81,31 @@ class LSTMLM(nn.Module):
             return functional_call(layer, {"weight_hh_l0": dropped}, (x, state))
         return layer(x, state)
 
+    def embed(self, tokens: torch.Tensor, tied_words: bool = False):
+        """(the tokens' embeddings, with embedding dropout in training; the word matrices).
+
+        The word matrices are the decoder's ones that are the embedding's, from the same
+        autograd node (`fused.tied_lookup`, which gives both one gradient tensor), when
+        `tied_words` is asked for, the weights are tied and autograd records; else None and the
+        decoder takes its own."""
+        weight = self.embedding.weight
+        scale = embedding_dropout_mask(weight, self.cfg.dropout_embedding, self.training)
+        if tied_words and self.cfg.tie_weights and torch.is_grad_enabled() and weight.requires_grad:
+            adaptive = isinstance(self.decoder, AdaptiveSoftmax)
+            bounds = self.decoder.bounds if adaptive else [0, self.vocab_size]
+            sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+            return fused.tied_lookup(weight, tokens, sizes, scale)
+        embedded = F.embedding(tokens, weight)
+        return (embedded if scale is None else embedded * F.embedding(tokens, scale)), None
+
     def features(self, tokens: torch.Tensor, hidden: Hidden):
         """Last layer's output for tokens (time, batch): (after dropout, before dropout, state)."""
+        return self.recur(self.embed(tokens)[0], hidden)
+
+    def recur(self, embedded: torch.Tensor, hidden: Hidden):
+        """`features` from the embedded tokens."""
         cfg = self.cfg
-        weight = embedding_dropout(self.embedding.weight, cfg.dropout_embedding, self.training)
-        x = self.dropout(F.embedding(tokens, weight), cfg.dropout_input)
+        x = self.dropout(embedded, cfg.dropout_input)
         new_hidden = []
         for i in range(len(self.layers)):
             x, state = self.run_layer(i, x, hidden[i])
@@ -105,23 +125,26 @@ class LSTMLM(nn.Module):
 
         Targets are flattened time-major. The penalty is zero unless training with AR/TAR on.
         """
-        dropped, raw, hidden = self.features(tokens, hidden)
-        loss = self.output_loss(dropped, targets)
+        embedded, words = self.embed(tokens, tied_words=True)
+        dropped, raw, hidden = self.recur(embedded, hidden)
+        loss = self.output_loss(dropped, targets, words)
         penalty = loss.new_zeros(())
         if self.training and (self.cfg.ar_alpha or self.cfg.tar_beta):
             penalty = activation_penalty(dropped, raw, self.cfg.ar_alpha, self.cfg.tar_beta)
         return loss, penalty, hidden
 
-    def output_loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def output_loss(self, x: torch.Tensor, targets: torch.Tensor,
+                    words: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Mean cross-entropy of the decoder's prediction from features x (..., output size)
-        against flat targets."""
+        against flat targets; `words`: the tied word matrices from `embed`, if it gave them."""
         x = x.reshape(-1, x.size(-1))
         if isinstance(self.decoder, AdaptiveSoftmax):  # the head and the targets' clusters only
-            return self.decoder.loss(x, targets)
+            return self.decoder.loss(x, targets, words)
+        weight = self.decoder.weight if words is None else words[0]
         if torch.is_autocast_enabled(x.device.type):  # autocast's low-precision decoder
-            return F.cross_entropy(self.decoder(x), targets)
+            return F.cross_entropy(F.linear(x, weight, self.decoder.bias), targets)
         # the same loss, never holding the (tokens x vocabulary) logits (fused.py)
-        return fused.linear_cross_entropy(x, self.decoder.weight, self.decoder.bias, targets)
+        return fused.linear_cross_entropy(x, weight, self.decoder.bias, targets)
 
     @torch.no_grad()
     def target_log_probs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

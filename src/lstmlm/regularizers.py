@@ -45,14 +45,16 @@ def locked_dropout(x: torch.Tensor, p: float, training: bool,
     return x * keep_mask((1, x.size(1), x.size(2)), p, x, generator)
 
 
-def embedding_dropout(weight: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Drop whole word types: zero rows of the embedding matrix, rescale the rest by 1/(1-p).
+def embedding_dropout_mask(weight: torch.Tensor, p: float,
+                           training: bool) -> torch.Tensor | None:
+    """Embedding dropout, which drops whole word types, as a scale of the embedding's rows
+    (vocab, 1): 0 for a dropped word, 1/(1-p) for a kept one; None when not dropping.
 
-    A dropped word is dropped at every position of the batch where it occurs.
-    """
+    A dropped word is dropped at every position of the batch where it occurs. The model scales
+    only the rows it looks up (the same numbers as scaling the whole matrix)."""
     if not training or p == 0:
-        return weight
-    return weight * keep_mask((weight.size(0), 1), p, weight)
+        return None
+    return keep_mask((weight.size(0), 1), p, weight)
 
 
 def drop_connect(weight: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -72,15 +72,18 @@ class AdaptiveSoftmax(nn.Module):
         nn.init.zeros_(self.bias)
         nn.init.zeros_(self.cluster_bias)
 
-    def word_weights(self) -> list[torch.Tensor]:
+    def word_weights(self, embedding_rows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Output matrix of each cluster (0: the head's words): embedding rows when tied.
 
-        The tied ones come from one `split` of the embedding, whose backward writes their
-        gradients into one embedding-sized tensor; a slice per cluster would cost a zero-filled
-        embedding-sized gradient each (about 5 % of `wt2-cpu-hour`'s step)."""
-        sizes = [hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])]
-        rows = self.embedding_weight.split(sizes) if any(self.tied) else None
-        return [rows[k] if tied else self.words[str(k)] for k, tied in enumerate(self.tied)]
+        The tied ones come from one `split` of the embedding (or are `embedding_rows`, such a
+        split from `fused.tied_lookup`), whose backward writes their gradients into one
+        embedding-sized tensor; a slice per cluster would cost a zero-filled embedding-sized
+        gradient each (about 5 % of `wt2-cpu-hour`'s step)."""
+        if embedding_rows is None and any(self.tied):
+            sizes = [hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])]
+            embedding_rows = self.embedding_weight.split(sizes)
+        return [embedding_rows[k] if tied else self.words[str(k)]
+                for k, tied in enumerate(self.tied)]
 
     def head(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
         """Log-probabilities of the head words (`matrix`'s), then of each tail cluster:
@@ -106,15 +109,17 @@ class AdaptiveSoftmax(nn.Module):
             parts.append(head[..., shortlist + k - 1, None] + self.tail(k, x, words[k]))
         return torch.cat(parts, -1)
 
-    def loss(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def loss(self, x: torch.Tensor, targets: torch.Tensor,
+             embedding_rows: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Mean negative log-likelihood of `targets` (N,) given features (N, in_size)."""
-        return -self.target_log_probs(x, targets).mean()
+        return -self.target_log_probs(x, targets, embedding_rows).mean()
 
-    def target_log_probs(self, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    def target_log_probs(self, x: torch.Tensor, targets: torch.Tensor,
+                         embedding_rows: list[torch.Tensor] | None = None) -> torch.Tensor:
         """log p(target) for each of `targets` (N,) given features (N, in_size), computing
         each tail only for the rows whose target is in it. Every tail runs, on zero rows if
         need be, so every parameter is in the graph (DistributedDataParallel expects that)."""
-        words = self.word_weights()
+        words = self.word_weights(embedding_rows)
         head = self.head(x, words[0])
         shortlist = self.bounds[1]
         index = targets  # the head entry to read: the word itself, or its cluster
