@@ -188,7 +188,7 @@ def tied_lookup(weight: torch.Tensor, tokens: torch.Tensor, sizes: list[int],
 
     Used apart, the lookup's backward zero-fills an embedding-sized gradient of its own for a
     few hundred rows, and autograd adds it to the matrices' one: two passes over the whole
-    embedding a step, 5-10 % of `wt2-cpu-hour`'s step on 2 CPU cores (docs/performance.md).
+    embedding a step, about 5 % of `wt2-cpu-hour`'s step on 2 CPU cores (docs/performance.md).
     Here the backward joins the matrices' gradients into one tensor and adds the looked-up
     rows' gradients into it in place."""
     embedded, *matrices = TiedLookup.apply(weight, tokens, row_scale, tuple(sizes))

@@ -81,16 +81,16 @@ class LSTMLM(nn.Module):
             return functional_call(layer, {"weight_hh_l0": dropped}, (x, state))
         return layer(x, state)
 
-    def embed(self, tokens: torch.Tensor, tied_words: bool = False):
-        """(the tokens' embeddings, with embedding dropout in training; the word matrices).
+    def embed(self, tokens: torch.Tensor, tied: bool = False):
+        """(the tokens' embeddings, with embedding dropout in training; the embedding's rows
+        that are the decoder's word matrices, or None).
 
-        The word matrices are the decoder's ones that are the embedding's, from the same
-        autograd node (`fused.tied_lookup`, which gives both one gradient tensor), when
-        `tied_words` is asked for, the weights are tied and autograd records; else None and the
-        decoder takes its own."""
+        The rows come only with `tied`, when the weights are tied and autograd records: then
+        from the same autograd node as the embeddings (`fused.tied_lookup`), which gives both
+        one gradient tensor; otherwise the decoder takes its matrices itself."""
         weight = self.embedding.weight
         scale = embedding_dropout_mask(weight, self.cfg.dropout_embedding, self.training)
-        if tied_words and self.cfg.tie_weights and torch.is_grad_enabled() and weight.requires_grad:
+        if tied and self.cfg.tie_weights and torch.is_grad_enabled() and weight.requires_grad:
             adaptive = isinstance(self.decoder, AdaptiveSoftmax)
             bounds = self.decoder.bounds if adaptive else [0, self.vocab_size]
             sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
@@ -125,22 +125,22 @@ class LSTMLM(nn.Module):
 
         Targets are flattened time-major. The penalty is zero unless training with AR/TAR on.
         """
-        embedded, words = self.embed(tokens, tied_words=True)
+        embedded, embedding_rows = self.embed(tokens, tied=True)
         dropped, raw, hidden = self.recur(embedded, hidden)
-        loss = self.output_loss(dropped, targets, words)
+        loss = self.output_loss(dropped, targets, embedding_rows)
         penalty = loss.new_zeros(())
         if self.training and (self.cfg.ar_alpha or self.cfg.tar_beta):
             penalty = activation_penalty(dropped, raw, self.cfg.ar_alpha, self.cfg.tar_beta)
         return loss, penalty, hidden
 
     def output_loss(self, x: torch.Tensor, targets: torch.Tensor,
-                    words: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    embedding_rows: list[torch.Tensor] | None = None) -> torch.Tensor:
         """Mean cross-entropy of the decoder's prediction from features x (..., output size)
-        against flat targets; `words`: the tied word matrices from `embed`, if it gave them."""
+        against flat targets; `embedding_rows`: the tied word matrices from `embed`, if any."""
         x = x.reshape(-1, x.size(-1))
         if isinstance(self.decoder, AdaptiveSoftmax):  # the head and the targets' clusters only
-            return self.decoder.loss(x, targets, words)
-        weight = self.decoder.weight if words is None else words[0]
+            return self.decoder.loss(x, targets, embedding_rows)
+        weight = self.decoder.weight if embedding_rows is None else embedding_rows[0]
         if torch.is_autocast_enabled(x.device.type):  # autocast's low-precision decoder
             return F.cross_entropy(F.linear(x, weight, self.decoder.bias), targets)
         # the same loss, never holding the (tokens x vocabulary) logits (fused.py)
