@@ -222,6 +222,33 @@ def test_model_loss_equals_cross_entropy_of_the_logits(tie):
         torch.testing.assert_close(got, want, **TOL)
 
 
+def graph_nodes(tensor):
+    """Names of the autograd nodes behind a tensor."""
+    names, todo, seen = set(), [tensor.grad_fn], set()
+    while todo:
+        node = todo.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(node.name())
+        todo.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("softmax", ["full", "adaptive"])
+def test_a_tied_model_takes_its_embedding_gradient_from_one_node(softmax):
+    """The speed of a tied model's step (one gradient tensor for the embedding) rests on its
+    loss using the tied lookup, not a lookup of its own."""
+    model = small_model(tie_weights=True, softmax=softmax, adaptive_cutoffs="10,30",
+                        adaptive_div_value=1.0, dropout_embedding=0.1)
+    tokens, targets = torch.randint(VOCAB, (6, 4)), torch.randint(VOCAB, (24,))
+    names = graph_nodes(model.loss(tokens, targets, model.init_hidden(4))[0])
+    assert "TiedLookupBackward" in names and "EmbeddingBackward0" not in names
+    untied = small_model(softmax=softmax, adaptive_cutoffs="10,30")
+    names = graph_nodes(untied.loss(tokens, targets, untied.init_hidden(4))[0])
+    assert "TiedLookupBackward" not in names and "EmbeddingBackward0" in names
+
+
 def test_model_loss_under_autocast_uses_the_straightforward_decoder():
     torch.manual_seed(0)
     model = small_model()
