@@ -240,11 +240,11 @@ def cmd_export(args) -> None:
     if out.name in RUN_FILES and out.resolve().parent == run_dir.resolve():
         raise LstmlmError(f"--out {out} is one of the run's own files; write the export to "
                           f"another name, e.g. {run_dir / 'model.pt'}")
-    check_export(args.format, Path(args.out))
-    _, vocab, model = load_run(Path(args.run_dir))
-    out = export_model(model, args.format, Path(args.out), vocab.words)
-    print(f"wrote {out} ({args.format}); inputs tokens (time, batch) and h0, c0, ... "
-          f"(1, batch, size) per layer; vocabulary: {Path(args.run_dir) / 'vocab.txt'}")
+    check_export(args.format, out)
+    _, vocab, model = load_run(run_dir)
+    written = export_model(model, args.format, out, vocab.words)
+    print(f"wrote {written} ({args.format}); inputs tokens (time, batch) and h0, c0, ... "
+          f"(1, batch, size) per layer; vocabulary: {run_dir / 'vocab.txt'}")
 
 
 def cmd_generate(args) -> None:
