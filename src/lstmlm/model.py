@@ -92,8 +92,7 @@ class LSTMLM(nn.Module):
         scale = embedding_dropout_mask(weight, self.cfg.dropout_embedding, self.training)
         if tied and self.cfg.tie_weights and torch.is_grad_enabled() and weight.requires_grad:
             adaptive = isinstance(self.decoder, AdaptiveSoftmax)
-            bounds = self.decoder.bounds if adaptive else [0, self.vocab_size]
-            sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
+            sizes = self.decoder.cluster_sizes if adaptive else [self.vocab_size]
             return fused.tied_lookup(weight, tokens, sizes, scale)
         embedded = F.embedding(tokens, weight)
         return (embedded if scale is None else embedded * F.embedding(tokens, scale)), None

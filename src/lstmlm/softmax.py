@@ -72,6 +72,11 @@ class AdaptiveSoftmax(nn.Module):
         nn.init.zeros_(self.bias)
         nn.init.zeros_(self.cluster_bias)
 
+    @property
+    def cluster_sizes(self) -> list[int]:
+        """Words in the head, then in each tail cluster."""
+        return [hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])]
+
     def word_weights(self, embedding_rows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Output matrix of each cluster (0: the head's words): embedding rows when tied.
 
@@ -80,8 +85,7 @@ class AdaptiveSoftmax(nn.Module):
         embedding-sized tensor; a slice per cluster would cost a zero-filled embedding-sized
         gradient each (about 5 % of `wt2-cpu-hour`'s step)."""
         if embedding_rows is None and any(self.tied):
-            sizes = [hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])]
-            embedding_rows = self.embedding_weight.split(sizes)
+            embedding_rows = self.embedding_weight.split(self.cluster_sizes)
         return [embedding_rows[k] if tied else self.words[str(k)]
                 for k, tied in enumerate(self.tied)]
 
