@@ -17,7 +17,8 @@ against the alternative lstmlm chose not to use, at lstm-baseline's size (700 ro
   integers >= p (lstmlm.regularizers.keep_mask);
 - the gradient of an embedding whose rows are also the adaptive softmax's word matrices
   (wt2-cpu-hour: 33,278 x 256, head 2,000 words, tails 8,000 and 23,278): the matrices as one
-  slice per cluster against one split (lstmlm.softmax.AdaptiveSoftmax.word_weights);
+  slice per cluster, one split, and one gradient tensor that the matrices' products write and
+  the lookup adds its rows into (lstmlm.fused.tied_lookup and split_linear);
 - and, for scale, matrix-product-bound pieces with their GFLOP/s: the decoder's forward product
   into either layout of the chunk; evaluation's loss of the chunk, its softmax in memory
   against `target_log_probs`'s tiles; the forward pass of an nn.LSTM(1150, 1150) over 70 time
@@ -38,7 +39,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from lstmlm.fused import target_log_probs
+from lstmlm.fused import split_linear, target_log_probs, tied_lookup
 from lstmlm.regularizers import keep_mask
 
 ROWS, HIDDEN, VOCAB, EMBEDDING = 700, 400, 33278, 380
@@ -107,21 +108,29 @@ def tied_gradient_cases() -> dict:
     """Forward + backward of an embedding lookup of 700 tokens and the three word matrices'
     products, on as many rows as WikiText-2's words in each cluster get."""
     bounds, dim = [0, 2000, 10000, VOCAB], 256
+    sizes = [hi - lo for lo, hi in zip(bounds, bounds[1:])]
     weight = torch.nn.Parameter(torch.randn(VOCAB, dim) * 0.1)
+    bias = torch.nn.Parameter(torch.zeros(VOCAB))
     tokens = torch.randint(VOCAB, (ROWS,))
     features = [torch.randn(rows, dim) for rows in (ROWS, 90, 40)]
 
-    def backward(matrices):
-        total = F.embedding(tokens, weight).sum()
-        for x, matrix in zip(features, matrices):
-            total = total + F.linear(x, matrix).sum()
-        weight.grad = None
+    def backward(embedded, logits):
+        total = embedded.sum() + sum(out.sum() for out in logits)
+        weight.grad = bias.grad = None
         total.backward()
 
-    return {"one slice per cluster": lambda: backward(
+    def apart(matrices):
+        return backward(F.embedding(tokens, weight), [
+            F.linear(x, matrix, b) for x, matrix, b in zip(features, matrices, bias.split(sizes))])
+
+    def one_gradient_tensor():
+        embedded, tied_weight = tied_lookup(weight, tokens)
+        return backward(embedded, split_linear(features, tied_weight, bias, sizes))
+
+    return {"one slice per cluster": lambda: apart(
                 [weight[lo:hi] for lo, hi in zip(bounds, bounds[1:])]),
-            "one split": lambda: backward(
-                weight.split([hi - lo for lo, hi in zip(bounds, bounds[1:])]))}
+            "one split": lambda: apart(weight.split(sizes)),
+            "tied_lookup + split_linear (lstmlm.fused)": one_gradient_tensor}
 
 
 def product_cases() -> dict:

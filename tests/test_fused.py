@@ -1,6 +1,7 @@
 """The fused, chunked decoder + cross-entropy equals F.cross_entropy(F.linear(...)): loss and
 gradients, for any chunking, with and without a bias, with a tied weight, under no_grad, and
-inside LSTMLM.loss. The tied lookup equals an embedding lookup and a split of its weight."""
+inside LSTMLM.loss. The tied lookup equals an embedding lookup that passes its weight on, and
+split_linear equals F.linear on a split weight."""
 
 import pytest
 import torch
@@ -156,29 +157,29 @@ def lookup_inputs(scaled, dtype=torch.float32):
     return weight, tokens, scale
 
 
-def straightforward_lookup(weight, tokens, sizes, scale):
-    return F.embedding(tokens, weight if scale is None else weight * scale), weight.split(sizes)
+def straightforward_lookup(weight, tokens, scale):
+    return F.embedding(tokens, weight if scale is None else weight * scale), weight
 
 
-# the full softmax's one tied matrix; the adaptive softmax's clusters, one left out of the loss
-# (an untied tail), whose gradient autograd fills with zeros
-@pytest.mark.parametrize("sizes", [[VOCAB], [10, 15, 25]])
+# the decoder's gradient as linear_cross_entropy or split_linear gives it, a new tensor; and
+# none, a weight left out of the loss, for which autograd passes zeros
+@pytest.mark.parametrize("decoder_uses_weight", [True, False])
 @pytest.mark.parametrize("scaled", [False, True])
-def test_tied_lookup_equals_a_lookup_and_a_split(sizes, scaled):
+def test_tied_lookup_equals_a_lookup_and_the_weight(decoder_uses_weight, scaled):
     weight, tokens, scale = lookup_inputs(scaled)
 
     def outputs_and_grad(lookup):
-        embedded, matrices = lookup(weight, tokens, sizes, scale)
-        loss = embedded.tanh().sum() * 3 + sum((k + 1) * m.pow(2).sum()
-                                               for k, m in enumerate(matrices[:2]))
-        return embedded, matrices, torch.autograd.grad(loss, weight)[0]
+        embedded, tied_weight = lookup(weight, tokens, scale)
+        loss = embedded.tanh().sum() * 3
+        if decoder_uses_weight:
+            loss = loss + (tied_weight[:20] @ tied_weight[20:].T).sin().sum()
+        return embedded, tied_weight, torch.autograd.grad(loss, weight)[0]
 
-    embedded, matrices, grad = outputs_and_grad(tied_lookup)
-    want_embedded, want_matrices, want_grad = outputs_and_grad(straightforward_lookup)
-    assert torch.equal(embedded, want_embedded)
-    assert [m.data_ptr() for m in matrices] == [m.data_ptr() for m in want_matrices]
+    embedded, tied_weight, grad = outputs_and_grad(tied_lookup)
+    want_embedded, _, want_grad = outputs_and_grad(straightforward_lookup)
+    assert torch.equal(embedded, want_embedded) and torch.equal(tied_weight, weight)
     torch.testing.assert_close(grad, want_grad, **TOL)
-    assert embedded.grad_fn is matrices[0].grad_fn  # one node: one gradient tensor
+    assert embedded.grad_fn is tied_weight.grad_fn  # one node: one gradient tensor
 
 
 @pytest.mark.parametrize("scaled", [False, True])
@@ -186,10 +187,56 @@ def test_tied_lookup_gradcheck_in_double_precision(scaled):
     weight, tokens, scale = lookup_inputs(scaled, torch.float64)
 
     def loss(weight):
-        embedded, matrices = tied_lookup(weight, tokens, [20, 30], scale)
-        return embedded.sin().sum() + matrices[0].pow(2).sum()
+        embedded, tied_weight = tied_lookup(weight, tokens, scale)
+        return embedded.sin().sum() + (tied_weight * tied_weight.cos()).sum()
 
     assert torch.autograd.gradcheck(loss, (weight,))
+
+
+def split_inputs(sizes, rows, dtype=torch.float32):
+    generator = torch.Generator().manual_seed(3)
+    weight = torch.randn(VOCAB, IN, generator=generator, dtype=dtype).requires_grad_()
+    bias = torch.randn(VOCAB, generator=generator, dtype=dtype).requires_grad_()
+    xs = [torch.randn(n, IN, generator=generator, dtype=dtype).requires_grad_() for n in rows]
+    xs[0] = xs[0].detach().view(-1, 1, IN).requires_grad_()  # leading dimensions, as F.linear's
+    return xs, weight, bias, sizes
+
+
+def straightforward_split_linear(xs, weight, bias, sizes):
+    rest = [VOCAB - sum(sizes)]
+    return [F.linear(x, w, b) for x, w, b in
+            zip(xs, weight.split(sizes + rest), bias.split(sizes + rest))]
+
+
+# every row in a block; rows past the blocks (an untied tail's) with no gradient; a block with
+# no input rows (a tail no target fell in)
+@pytest.mark.parametrize("sizes,rows", [([10, 15, 25], [7, 3, 2]), ([10, 15], [7, 3]),
+                                        ([10, 15, 25], [7, 0, 2])])
+def test_split_linear_equals_linear_on_a_split(sizes, rows):
+    xs, weight, bias, sizes = split_inputs(sizes, rows)
+
+    def outputs_and_grads(split_linear):
+        logits = split_linear(xs, weight, bias, sizes)
+        loss = sum((k + 1) * out.logsumexp(1).sum() for k, out in enumerate(logits))
+        return logits, torch.autograd.grad(loss, [weight, bias, *xs])
+
+    logits, grads = outputs_and_grads(fused.split_linear)
+    want_logits, want_grads = outputs_and_grads(straightforward_split_linear)
+    for got, want in zip([*logits, *grads], [*want_logits, *want_grads], strict=True):
+        torch.testing.assert_close(got, want, **TOL)
+    assert logits[0].grad_fn.name() == "SplitLinearBackward"
+    with torch.no_grad():  # evaluation: the plain products
+        for got, want in zip(fused.split_linear(xs, weight, bias, sizes), want_logits):
+            torch.testing.assert_close(got, want, **TOL)
+
+
+def test_split_linear_gradcheck_in_double_precision():
+    xs, weight, bias, sizes = split_inputs([10, 15], [4, 3], torch.float64)
+
+    def loss(weight, bias, *xs):
+        return sum(out.sin().sum() for out in fused.split_linear(list(xs), weight, bias, sizes))
+
+    assert torch.autograd.gradcheck(loss, (weight, bias, *xs))
 
 
 def small_model(**kw):
@@ -247,6 +294,9 @@ def test_a_tied_model_takes_its_embedding_gradient_from_one_node(softmax):
     tokens, targets = torch.randint(VOCAB, (6, 4)), torch.randint(VOCAB, (24,))
     names = graph_nodes(model.loss(tokens, targets, model.init_hidden(4))[0])
     assert "TiedLookupBackward" in names and "EmbeddingBackward0" not in names
+    # the adaptive softmax's tied products write one gradient tensor, not a split's pieces
+    assert ("SplitLinearBackward" in names) == (softmax == "adaptive")
+    assert "SplitBackward0" not in names and "SplitWithSizesBackward0" not in names
     untied = small_model(softmax=softmax, adaptive_cutoffs="10,30")
     names = graph_nodes(untied.loss(tokens, targets, untied.init_hidden(4))[0])
     assert "TiedLookupBackward" not in names and "EmbeddingBackward0" in names

@@ -20,8 +20,8 @@ input requiring a gradient, only the loss is computed, by `target_log_probs`, wh
 softmax in memory. A double backward is not supported (training never needs the gradient of
 a gradient): a backward with create_graph=True raises.
 
-`tied_lookup`: the embedding lookup and the decoder's word matrices tied to it, from one
-autograd node, so that their gradients make one embedding-sized tensor (see there).
+`tied_lookup` and `split_linear`: an embedding tied to the decoder gets one gradient tensor,
+which the decoder's products write and the lookup adds its rows into (see there).
 """
 
 from __future__ import annotations
@@ -180,36 +180,90 @@ def _padded(rows: int) -> int:
     return -(-rows // 16) * 16
 
 
-def tied_lookup(weight: torch.Tensor, tokens: torch.Tensor, sizes: list[int],
-                row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """`F.embedding(tokens, weight)`, each row times its word's `row_scale` (vocab, 1) if given
-    (embedding dropout), and `weight.split(sizes)`: the decoder's word matrices when tied to
-    the embedding.
+def tied_lookup(weight: torch.Tensor, tokens: torch.Tensor,
+                row_scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`F.embedding(tokens, weight)`, each row times its word's `row_scale` (vocab, 1) if given
+    (embedding dropout); `weight` again, for the decoder tied to the embedding).
 
     Used apart, the lookup's backward zero-fills an embedding-sized gradient of its own for a
-    few hundred rows, and autograd adds it to the matrices' one: two passes over the whole
+    few hundred rows, and autograd adds it to the decoder's: two passes over the whole
     embedding a step, about 5 % of `wt2-cpu-hour`'s step on 2 CPU cores (docs/performance.md).
-    Here the backward joins the matrices' gradients into one tensor and adds the looked-up
-    rows' gradients into it in place."""
-    embedded, *matrices = TiedLookup.apply(weight, tokens, row_scale, tuple(sizes))
-    return embedded, matrices
+    Here the backward adds the looked-up rows' gradients in place into the decoder's gradient.
+    That is safe because the returned weight goes only to `linear_cross_entropy` or
+    `split_linear`, whose gradient is a new tensor of their own."""
+    return TiedLookup.apply(weight, tokens, row_scale)
 
 
 class TiedLookup(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, weight, tokens, row_scale, sizes):
+    def forward(ctx, weight, tokens, row_scale):
         embedded = F.embedding(tokens, weight)
         scale = None if row_scale is None else F.embedding(tokens, row_scale)
         if scale is not None:
             embedded = embedded * scale
         ctx.save_for_backward(tokens, scale)
-        return embedded, *weight.split(sizes)
+        return embedded, weight.view_as(weight)
 
     @staticmethod
-    def backward(ctx, grad_embedded, *grad_matrices):
+    def backward(ctx, grad_embedded, grad_weight):
         tokens, scale = ctx.saved_tensors
         if scale is not None:
             grad_embedded = grad_embedded * scale
-        grad = torch.cat(grad_matrices)  # a matrix outside the graph gets zeros from autograd
-        grad.index_add_(0, tokens.reshape(-1), grad_embedded.reshape(-1, grad.size(1)))
-        return grad, None, None, None
+        # (a weight outside the graph gets zeros from autograd)
+        grad_weight.index_add_(0, tokens.reshape(-1), grad_embedded.reshape(-1, grad_weight.size(1)))
+        return grad_weight, None, None
+
+
+def split_linear(inputs: list[torch.Tensor], weight: torch.Tensor, bias: torch.Tensor,
+                 sizes: list[int]) -> list[torch.Tensor]:
+    """`[F.linear(x, w, b) for x, w, b in zip(inputs, weight.split(sizes), bias.split(sizes))]`,
+    `sizes` the first rows of weight (V, in) and bias (V,) in consecutive blocks: the adaptive
+    softmax's word logits, cluster by cluster, from an embedding tied to it.
+
+    With autograd recording, the weight's gradient is one new tensor that each block's product
+    writes its rows into: `split`'s backward would join the blocks' gradients with a copy of
+    the whole (V, in) matrix, 5-10 ms a step at `wt2-cpu-hour`'s 33,278 x 256 on 2 CPU cores
+    (docs/performance.md). Under autocast the products are autocast's, through a split."""
+    recording = torch.is_grad_enabled() and any(t.requires_grad for t in (weight, bias, *inputs))
+    if recording and not torch.is_autocast_enabled(weight.device.type):
+        return list(SplitLinear.apply(weight, bias, tuple(sizes), *inputs))
+    return _split_linear(inputs, weight, bias, list(sizes))
+
+
+def _split_linear(inputs, weight, bias, sizes):
+    rest = [weight.size(0) - sum(sizes)]
+    return [F.linear(x, w, b) for x, w, b in
+            zip(inputs, weight.split(sizes + rest), bias.split(sizes + rest))]
+
+
+class SplitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, weight, bias, sizes, *inputs):
+        ctx.save_for_backward(weight, *inputs)
+        ctx.sizes = sizes
+        return tuple(_split_linear(inputs, weight, bias, list(sizes)))
+
+    @staticmethod
+    def backward(ctx, *grads):
+        weight, *inputs = ctx.saved_tensors
+        need_weight, need_bias = ctx.needs_input_grad[:2]
+        used = sum(ctx.sizes)  # rows past the blocks get a zero gradient
+        grad_weight = grad_bias = None
+        if need_weight:
+            grad_weight = torch.empty_like(weight)
+            grad_weight[used:].zero_()
+        if need_bias:
+            grad_bias = weight.new_empty(weight.size(0))
+            grad_bias[used:].zero_()
+        grad_inputs = []
+        start = 0
+        for g, x, size, need_input in zip(grads, inputs, ctx.sizes, ctx.needs_input_grad[3:]):
+            rows = slice(start, start + size)
+            start += size
+            flat_g, flat_x = g.reshape(-1, size), x.reshape(-1, x.size(-1))
+            if need_weight:  # with no rows in x, mm writes zeros
+                torch.mm(flat_g.t(), flat_x, out=grad_weight[rows])
+            if need_bias:
+                torch.sum(flat_g, 0, out=grad_bias[rows])
+            grad_inputs.append(g @ weight[rows] if need_input else None)
+        return grad_weight, grad_bias, None, *grad_inputs

@@ -82,18 +82,17 @@ class LSTMLM(nn.Module):
         return layer(x, state)
 
     def embed(self, tokens: torch.Tensor, tied: bool = False):
-        """(the tokens' embeddings, with embedding dropout in training; the embedding's rows
-        that are the decoder's word matrices, or None).
+        """(the tokens' embeddings, with embedding dropout in training; the embedding's weight
+        for the decoder tied to it, or None).
 
-        The rows come only with `tied`, when the weights are tied and autograd records: then
-        from the same autograd node as the embeddings (`fused.tied_lookup`), which gives both
-        one gradient tensor; otherwise the decoder takes its matrices itself."""
+        The weight comes only with `tied`, when the weights are tied and autograd records: then
+        from the same autograd node as the embeddings (`fused.tied_lookup`), which adds the
+        lookup's gradient into the decoder's in place; otherwise the decoder reads the
+        embedding itself."""
         weight = self.embedding.weight
         scale = embedding_dropout_mask(weight, self.cfg.dropout_embedding, self.training)
         if tied and self.cfg.tie_weights and torch.is_grad_enabled() and weight.requires_grad:
-            adaptive = isinstance(self.decoder, AdaptiveSoftmax)
-            sizes = self.decoder.cluster_sizes if adaptive else [self.vocab_size]
-            return fused.tied_lookup(weight, tokens, sizes, scale)
+            return fused.tied_lookup(weight, tokens, scale)
         embedded = F.embedding(tokens, weight)
         return (embedded if scale is None else embedded * F.embedding(tokens, scale)), None
 
@@ -124,22 +123,22 @@ class LSTMLM(nn.Module):
 
         Targets are flattened time-major. The penalty is zero unless training with AR/TAR on.
         """
-        embedded, embedding_rows = self.embed(tokens, tied=True)
+        embedded, tied_weight = self.embed(tokens, tied=True)
         dropped, raw, hidden = self.recur(embedded, hidden)
-        loss = self.output_loss(dropped, targets, embedding_rows)
+        loss = self.output_loss(dropped, targets, tied_weight)
         penalty = loss.new_zeros(())
         if self.training and (self.cfg.ar_alpha or self.cfg.tar_beta):
             penalty = activation_penalty(dropped, raw, self.cfg.ar_alpha, self.cfg.tar_beta)
         return loss, penalty, hidden
 
     def output_loss(self, x: torch.Tensor, targets: torch.Tensor,
-                    embedding_rows: list[torch.Tensor] | None = None) -> torch.Tensor:
+                    tied_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Mean cross-entropy of the decoder's prediction from features x (..., output size)
-        against flat targets; `embedding_rows`: the tied word matrices from `embed`, if any."""
+        against flat targets; `tied_weight`: the embedding's weight from `embed`, if any."""
         x = x.reshape(-1, x.size(-1))
         if isinstance(self.decoder, AdaptiveSoftmax):  # the head and the targets' clusters only
-            return self.decoder.loss(x, targets, embedding_rows)
-        weight = self.decoder.weight if embedding_rows is None else embedding_rows[0]
+            return self.decoder.loss(x, targets, tied_weight)
+        weight = self.decoder.weight if tied_weight is None else tied_weight
         if torch.is_autocast_enabled(x.device.type):  # autocast's low-precision decoder
             return F.cross_entropy(F.linear(x, weight, self.decoder.bias), targets)
         # the same loss, never holding the (tokens x vocabulary) logits (fused.py)
@@ -179,5 +178,5 @@ def detach(hidden: Hidden) -> Hidden:
 
 def count_parameters(model: nn.Module) -> int:
     """Distinct parameters: a matrix the decoder shares with the embedding counts once (the
-    adaptive softmax holds the embedding's Parameter itself and slices it as it runs)."""
+    adaptive softmax holds the embedding's Parameter itself and reads its rows as it runs)."""
     return sum(p.numel() for p in model.parameters())

@@ -30,6 +30,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import fused
+
 
 def _log_softmax(logits: torch.Tensor) -> torch.Tensor:
     """log_softmax over the last dimension, in fp32 when the logits are bf16/fp16: CPU autocast
@@ -77,62 +79,65 @@ class AdaptiveSoftmax(nn.Module):
         """Words in the head, then in each tail cluster."""
         return [hi - lo for lo, hi in zip(self.bounds, self.bounds[1:])]
 
-    def word_weights(self, embedding_rows: list[torch.Tensor] | None = None) -> list[torch.Tensor]:
-        """Output matrix of each cluster (0: the head's words): embedding rows when tied.
+    def word_logits(self, inputs: list[torch.Tensor],
+                    tied_weight: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Each cluster's word logits from its input, (rows, size) -> (rows, its words): the
+        features for the head, their projection for a tail.
 
-        The tied ones come from one `split` of the embedding (or are `embedding_rows`, such a
-        split from `fused.tied_lookup`), whose backward writes their gradients into one
-        embedding-sized tensor; a slice per cluster would cost a zero-filled embedding-sized
-        gradient each (about 5 % of `wt2-cpu-hour`'s step)."""
-        if embedding_rows is None and any(self.tied):
-            embedding_rows = self.embedding_weight.split(self.cluster_sizes)
-        return [embedding_rows[k] if tied else self.words[str(k)]
-                for k, tied in enumerate(self.tied)]
+        The tied clusters take their rows of the embedding's weight (`tied_weight`, the weight
+        from `fused.tied_lookup`, or the embedding itself) through `fused.split_linear`, which
+        gives the embedding one gradient tensor. They are the first clusters: the projections
+        only shrink, so once one is smaller than the embedding, all after it are."""
+        tied = sum(self.tied)
+        logits = []
+        if tied:
+            weight = self.embedding_weight if tied_weight is None else tied_weight
+            logits = fused.split_linear(inputs[:tied], weight, self.bias,
+                                        self.cluster_sizes[:tied])
+        for k in range(tied, len(inputs)):
+            lo, hi = self.bounds[k], self.bounds[k + 1]
+            logits.append(F.linear(inputs[k], self.words[str(k)], self.bias[lo:hi]))
+        return logits
 
-    def head(self, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities of the head words (`matrix`'s), then of each tail cluster:
-        (..., c1 + tails)."""
-        words = F.linear(x, matrix, self.bias[: self.bounds[1]])
+    def head(self, x: torch.Tensor, words: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities of the head words (whose logits are `words`), then of each tail
+        cluster: (..., c1 + tails)."""
         clusters = F.linear(x, self.clusters, self.cluster_bias)
         return _log_softmax(torch.cat([words, clusters], -1))
 
-    def tail(self, k: int, x: torch.Tensor, matrix: torch.Tensor) -> torch.Tensor:
-        """Log-probabilities within tail cluster k (>= 1) of its words (`matrix`'s): (..., its
-        size)."""
-        lo, hi = self.bounds[k], self.bounds[k + 1]
-        logits = F.linear(F.linear(x, self.projections[k - 1]), matrix, self.bias[lo:hi])
-        return _log_softmax(logits)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log-probabilities over the vocabulary (..., vocab) of features (..., in_size)."""
-        words = self.word_weights()
-        head = self.head(x, words[0])
+        logits = self.word_logits([x] + [F.linear(x, p) for p in self.projections])
+        head = self.head(x, logits[0])
         shortlist = self.bounds[1]
         parts = [head[..., :shortlist]]
-        for k in range(1, len(self.bounds) - 1):
-            parts.append(head[..., shortlist + k - 1, None] + self.tail(k, x, words[k]))
+        for k in range(1, len(logits)):
+            parts.append(head[..., shortlist + k - 1, None] + _log_softmax(logits[k]))
         return torch.cat(parts, -1)
 
     def loss(self, x: torch.Tensor, targets: torch.Tensor,
-             embedding_rows: list[torch.Tensor] | None = None) -> torch.Tensor:
+             tied_weight: torch.Tensor | None = None) -> torch.Tensor:
         """Mean negative log-likelihood of `targets` (N,) given features (N, in_size)."""
-        return -self.target_log_probs(x, targets, embedding_rows).mean()
+        return -self.target_log_probs(x, targets, tied_weight).mean()
 
     def target_log_probs(self, x: torch.Tensor, targets: torch.Tensor,
-                         embedding_rows: list[torch.Tensor] | None = None) -> torch.Tensor:
+                         tied_weight: torch.Tensor | None = None) -> torch.Tensor:
         """log p(target) for each of `targets` (N,) given features (N, in_size), computing
         each tail only for the rows whose target is in it. Every tail runs, on zero rows if
         need be, so every parameter is in the graph (DistributedDataParallel expects that)."""
-        words = self.word_weights(embedding_rows)
-        head = self.head(x, words[0])
         shortlist = self.bounds[1]
         index = targets  # the head entry to read: the word itself, or its cluster
-        in_tails = head.new_zeros(targets.shape)
+        inputs, tail_rows = [x], []
         for k in range(1, len(self.bounds) - 1):
-            lo, hi = self.bounds[k], self.bounds[k + 1]
-            member = (targets >= lo) & (targets < hi)
+            member = (targets >= self.bounds[k]) & (targets < self.bounds[k + 1])
             index = torch.where(member, shortlist + k - 1, index)
             rows = member.nonzero().squeeze(1)
-            within = self.tail(k, x[rows], words[k]).gather(1, (targets[rows] - lo).unsqueeze(1))
-            in_tails = in_tails.index_add(0, rows, within.squeeze(1))
+            inputs.append(F.linear(x[rows], self.projections[k - 1]))
+            tail_rows.append(rows)
+        logits = self.word_logits(inputs, tied_weight)
+        head = self.head(x, logits[0])
+        in_tails = head.new_zeros(targets.shape)
+        for k, rows in enumerate(tail_rows, start=1):
+            within = (targets[rows] - self.bounds[k]).unsqueeze(1)
+            in_tails = in_tails.index_add(0, rows, _log_softmax(logits[k]).gather(1, within).squeeze(1))
         return head.gather(1, index.unsqueeze(1)).squeeze(1) + in_tails
