@@ -210,7 +210,8 @@ class TiedLookup(torch.autograd.Function):
         if scale is not None:
             grad_embedded = grad_embedded * scale
         # (a weight outside the graph gets zeros from autograd)
-        grad_weight.index_add_(0, tokens.reshape(-1), grad_embedded.reshape(-1, grad_weight.size(1)))
+        rows = grad_embedded.reshape(-1, grad_weight.size(1))
+        grad_weight.index_add_(0, tokens.reshape(-1), rows)
         return grad_weight, None, None
 
 

@@ -138,6 +138,6 @@ class AdaptiveSoftmax(nn.Module):
         head = self.head(x, logits[0])
         in_tails = head.new_zeros(targets.shape)
         for k, rows in enumerate(tail_rows, start=1):
-            within = (targets[rows] - self.bounds[k]).unsqueeze(1)
-            in_tails = in_tails.index_add(0, rows, _log_softmax(logits[k]).gather(1, within).squeeze(1))
+            within = (targets[rows] - self.bounds[k]).unsqueeze(1)  # each target's place in k
+            in_tails = in_tails.index_add(0, rows, _log_softmax(logits[k]).gather(1, within)[:, 0])
         return head.gather(1, index.unsqueeze(1)).squeeze(1) + in_tails
