@@ -227,14 +227,14 @@ def split_linear(inputs: list[torch.Tensor], weight: torch.Tensor, bias: torch.T
     cores (docs/performance.md). Under autocast the products are autocast's, through a split."""
     recording = torch.is_grad_enabled() and any(t.requires_grad for t in (weight, bias, *inputs))
     if recording and not torch.is_autocast_enabled(weight.device.type):
-        return list(SplitLinear.apply(weight, bias, tuple(sizes), *inputs))
-    return _split_linear(inputs, weight, bias, list(sizes))
+        return list(SplitLinear.apply(weight, bias, sizes, *inputs))
+    return _split_linear(inputs, weight, bias, sizes)
 
 
 def _split_linear(inputs, weight, bias, sizes):
-    rest = [weight.size(0) - sum(sizes)]
+    blocks = [*sizes, weight.size(0) - sum(sizes)]
     return [F.linear(x, w, b) for x, w, b in
-            zip(inputs, weight.split(sizes + rest), bias.split(sizes + rest))]
+            zip(inputs, weight.split(blocks), bias.split(blocks))]
 
 
 class SplitLinear(torch.autograd.Function):
@@ -242,7 +242,7 @@ class SplitLinear(torch.autograd.Function):
     def forward(ctx, weight, bias, sizes, *inputs):
         ctx.save_for_backward(weight, *inputs)
         ctx.sizes = sizes
-        return tuple(_split_linear(inputs, weight, bias, list(sizes)))
+        return tuple(_split_linear(inputs, weight, bias, sizes))
 
     @staticmethod
     def backward(ctx, *grads):
