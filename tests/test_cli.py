@@ -551,3 +551,41 @@ def test_the_console_script_prints_no_traceback(tmp_path):
     assert proc.returncode == 1
     assert proc.stdout == ""
     assert proc.stderr == "lstmlm: error: missing: no such run directory\n"
+
+
+# Ctrl-C while the command imports torch, as a finder that raises where the import would begin.
+INTERRUPTED_IMPORT = """
+import sys
+
+class Interrupt:
+    def find_spec(self, name, path=None, target=None):
+        if name == "torch":
+            raise KeyboardInterrupt
+
+sys.meta_path.insert(0, Interrupt())
+from lstmlm.__main__ import run
+sys.exit(run())
+"""
+
+
+def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-c", INTERRUPTED_IMPORT], capture_output=True,
+                          text=True, cwd=tmp_path, timeout=120)
+    assert (proc.returncode, proc.stdout, proc.stderr) == (130, "", "lstmlm: interrupted\n")
+
+
+def test_importing_the_package_leaves_torch_for_first_use(tmp_path):
+    probe = ("import sys, lstmlm; before = 'torch' in sys.modules; lstmlm.Config; "
+             "print(before, 'torch' in sys.modules, lstmlm.load.__module__)")
+    proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
+                          cwd=tmp_path, timeout=120)
+    assert proc.stdout == "False False lstmlm.api\n", proc.stderr
+    with pytest.raises(AttributeError, match="no attribute 'nope'"):
+        lstmlm.nope
+
+
+def test_the_lstmlm_command_is_the_interrupt_safe_entry():
+    from importlib.metadata import entry_points
+
+    (script,) = entry_points(group="console_scripts", name="lstmlm")
+    assert script.value == "lstmlm.__main__:run"

@@ -1,8 +1,17 @@
-"""lstmlm: word-level LSTM and AWD-LSTM language models in PyTorch."""
+"""lstmlm: word-level LSTM and AWD-LSTM language models in PyTorch.
 
-from .api import LanguageModel, load
-from .config import Config
-from .errors import LstmlmError
+The names below load on first use, not on `import lstmlm`: importing torch takes a second or
+two, and the command line (`__main__.py`) imports it inside its own Ctrl-C handling."""
+
+import importlib
 
 __all__ = ["Config", "LanguageModel", "LstmlmError", "load"]
 __version__ = "0.1.0"
+
+_MODULE_OF = {"Config": "config", "LanguageModel": "api", "LstmlmError": "errors", "load": "api"}
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'lstmlm' has no attribute {name!r}")
+    return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
