@@ -576,10 +576,11 @@ def test_ctrl_c_while_torch_loads_is_one_line(tmp_path):
 
 def test_importing_the_package_leaves_torch_for_first_use(tmp_path):
     probe = ("import sys, lstmlm; before = 'torch' in sys.modules; lstmlm.Config; "
-             "print(before, 'torch' in sys.modules, lstmlm.load.__module__)")
+             "listed = set(lstmlm.__all__) <= set(dir(lstmlm)); "
+             "print(before, 'torch' in sys.modules, listed, lstmlm.load.__module__)")
     proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True,
                           cwd=tmp_path, timeout=120)
-    assert proc.stdout == "False False lstmlm.api\n", proc.stderr
+    assert proc.stdout == "False False True lstmlm.api\n", proc.stderr
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         lstmlm.nope
 

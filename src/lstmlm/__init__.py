@@ -15,3 +15,7 @@ def __getattr__(name: str):
     if name not in _MODULE_OF:
         raise AttributeError(f"module 'lstmlm' has no attribute {name!r}")
     return getattr(importlib.import_module(f".{_MODULE_OF[name]}", __name__), name)
+
+
+def __dir__() -> list[str]:  # tab completion lists the names before their first use
+    return sorted([*globals(), *_MODULE_OF])
