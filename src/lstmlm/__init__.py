@@ -5,10 +5,10 @@ two, and the command line (`__main__.py`) imports it inside its own Ctrl-C handl
 
 import importlib
 
-__all__ = ["Config", "LanguageModel", "LstmlmError", "load"]
 __version__ = "0.1.0"
 
 _MODULE_OF = {"Config": "config", "LanguageModel": "api", "LstmlmError": "errors", "load": "api"}
+__all__ = list(_MODULE_OF)
 
 
 def __getattr__(name: str):

@@ -480,5 +480,3 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         warnings.formatwarning = format_warning
     return 0
-
-
