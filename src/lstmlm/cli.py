@@ -122,10 +122,10 @@ def check_evaluate_options(args) -> None:
     if cache and args.dynamic:
         raise LstmlmError("--cache and --dynamic cannot be combined; choose one")
     for prefix, on in (("cache", cache), ("dynamic", args.dynamic)):
-        given = [k for k, v in vars(args).items()
-                 if k.startswith(prefix + "_") and v is not None and v is not False]
-        if given and not on:
-            flag = "--" + given[0].replace("_", "-")
+        used = [k for k, v in vars(args).items()
+                if k.startswith(prefix + "_") and v is not None and v is not False]
+        if used and not on:
+            flag = "--" + used[0].replace("_", "-")
             raise LstmlmError(f"{flag} only applies with --{prefix}")
     if args.cache_search and (args.cache_theta is not None or args.cache_lambda is not None):
         raise LstmlmError("--cache-search chooses theta and lambda; drop --cache-theta and "
