@@ -59,6 +59,24 @@ def test_a_literal_unk_is_a_known_word_and_lines_are_read_once(tmp_path):
     assert ids.dtype == torch.long and ids.tolist() == [2, 3, 1, 0, 1] and unknown == 1
 
 
+def test_min_count_maps_rare_training_words_to_unk(tmp_path):
+    d = write_corpus(tmp_path / "c", "a a b c c c\nd\n", "a b e\n", "c\n")
+    corpus = tokenize(data.find_split_files(d), min_count=2)
+    # b and d are seen once; their two occurrences are <unk>'s, which ranks it with a and <eos>.
+    assert corpus.vocab.words == ["c", "a", EOS, UNK]
+    assert corpus.vocab.decode(corpus.train.tolist()) == [
+        "a", "a", UNK, "c", "c", "c", EOS, UNK, EOS]
+    assert corpus.vocab.decode(corpus.valid.tolist()) == ["a", UNK, UNK, EOS]
+    assert corpus.unknown == {"train": 2, "valid": 2, "test": 0}
+    assert "outside the vocabulary mapped to <unk>: train 2, valid 2" in corpus.summary()
+    # min_count 1 keeps every word, the classic setup; each setting is cached on its own.
+    assert tokenize(data.find_split_files(d), min_count=1).vocab.words == \
+        tokenize(data.find_split_files(d)).vocab.words == ["c", "a", EOS, "b", "d", UNK]
+    assert len(load_corpus(d, 2).vocab) == 4 and len(load_corpus(d).vocab) == 6
+    assert load_corpus(d, 2).vocab.words == corpus.vocab.words  # from the cache
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
+
+
 def test_wiki_token_file_names_and_crlf(tmp_path):
     d = write_corpus(tmp_path, "x y\r\nz\r\n", "x\n", "y\n",
                      names=("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"))

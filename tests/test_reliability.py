@@ -462,7 +462,7 @@ def test_a_test_split_of_unknown_words_trains_and_reports_them(capsys, tmp_path)
     d = make_corpus(tmp_path / "d", test="zebra quinoa yak\n" * 5)
     assert main(["train", "--data", str(d), "--out", str(tmp_path / "run"), *SMALL_ARGS]) == 0
     out, err = capsys.readouterr()
-    assert "words unseen in training mapped to <unk>: test 15" in err
+    assert "words outside the vocabulary mapped to <unk>: test 15" in err
     assert json.loads(out)["test_ppl"] > 1
     assert main(["evaluate", str(tmp_path / "run"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["unknown_words"] == 15

@@ -361,6 +361,18 @@ def test_resume_refuses_other_changes(corpus, tmp_path):
         run_training(resume=tmp_path / "run", overrides={"hidden_size": 64}, quiet=True)
 
 
+def test_min_count_sets_the_runs_vocabulary_and_stays_on_resume(corpus, tmp_path):
+    with open(corpus / "train.txt", "a") as f:
+        f.write(" zebra yak \n")
+    run_training(tiny(corpus, max_steps=2, min_count=2), out=tmp_path / "run", quiet=True)
+    words = (tmp_path / "run" / ckpt.VOCAB).read_text().split("\n")[:-1]
+    assert "zebra" not in words and "yak" not in words and "cat" in words and "<unk>" in words
+    assert run_training(resume=tmp_path / "run", overrides={"max_steps": 3},
+                        quiet=True)["steps"] == 3
+    with pytest.raises(ConfigError, match="cannot change min_count"):
+        run_training(resume=tmp_path / "run", overrides={"min_count": 1}, quiet=True)
+
+
 def test_resume_finds_moved_data_but_refuses_other_data(corpus, tmp_path):
     run_training(tiny(corpus, max_steps=4), out=tmp_path / "run", quiet=True)
     moved = corpus.rename(tmp_path / "moved")

@@ -45,6 +45,8 @@ class Config:
     bptt: int = _f(35, "tokens per truncated back-propagation window")
     valid_batch_size: int = _f(10, "batch size for validation")
     test_batch_size: int = _f(10, "batch size for the final test evaluation")
+    min_count: int = _f(1, "training words seen fewer times than this become <unk> (1: keep "
+                           "every word; 2 or 3 for raw text with many rare words)")
     # model
     embedding_size: int = _f(380, "word embedding size")
     hidden_size: int = _f(400, "LSTM hidden size")
@@ -163,7 +165,7 @@ class Config:
 
         sizes = ("batch_size", "bptt", "valid_batch_size", "test_batch_size", "embedding_size",
                  "hidden_size", "num_layers")
-        for name in sizes + ("epochs",):
+        for name in sizes + ("epochs", "min_count"):
             need(getattr(self, name) >= 1, f"{name} must be at least 1, got {getattr(self, name)}")
         for name in sizes + ("last_hidden_size",):  # sizes torch can index
             need(getattr(self, name) < 2**31,

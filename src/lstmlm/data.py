@@ -3,7 +3,8 @@
 The conventions are those of the classic WikiText-2 / Penn Treebank setup (pytorch/examples
 `word_language_model`, salesforce `awd-lstm-lm`): each line is split on whitespace and ends with
 one `<eos>` token, empty lines included. The vocabulary comes from the training split; words
-of valid/test that training never saw become `<unk>`.
+of valid/test that training never saw become `<unk>`, and so do training words seen fewer than
+`min_count` times (1 by default, as in the reference code: every training word is kept).
 """
 
 from __future__ import annotations
@@ -146,14 +147,19 @@ class Vocab:
         self.eos_id = self.index[EOS]
 
     @classmethod
-    def from_lines(cls, lines: Iterable[list[str]]) -> "Vocab":
-        """The vocabulary of the words of `lines`, read once."""
+    def from_lines(cls, lines: Iterable[list[str]], min_count: int = 1) -> "Vocab":
+        """The vocabulary of the words of `lines`, read once. Words seen fewer than
+        `min_count` times are left out; their occurrences count as `<unk>`'s, so that `<unk>`
+        takes the place its frequency earns."""
         counts, num_lines = Counter(), 0
         for words in lines:
             counts.update(words)
             num_lines += 1
         counts[EOS] += num_lines
         counts.setdefault(UNK, 0)
+        if min_count > 1:
+            rare = [w for w, n in counts.items() if n < min_count and w not in (EOS, UNK)]
+            counts[UNK] += sum(counts.pop(w) for w in rare)
         # Counter.most_common keeps first-seen order among equal counts: deterministic.
         return cls([w for w, _ in counts.most_common()])
 
@@ -193,7 +199,7 @@ class Corpus:
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
-    unknown: dict[str, int]  # words mapped to <unk> because training never saw them
+    unknown: dict[str, int]  # words mapped to <unk>: unseen in training, or rarer than min_count
 
     def split(self, name: str) -> torch.Tensor:
         return getattr(self, name)
@@ -205,7 +211,7 @@ class Corpus:
         text = ", ".join(parts)
         unknown = {s: n for s, n in self.unknown.items() if n}
         if unknown:
-            text += "; words unseen in training mapped to <unk>: " + ", ".join(
+            text += "; words outside the vocabulary mapped to <unk>: " + ", ".join(
                 f"{s} {n:,}" for s, n in unknown.items())
         return text
 
@@ -219,37 +225,39 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files_digest(files: dict[str, Path]) -> str:
+def _files_digest(files: dict[str, Path], min_count: int) -> str:
     h = hashlib.sha256(f"lstmlm-corpus-{CACHE_FORMAT}".encode())
+    if min_count > 1:  # 1 keeps the key it had before min_count existed
+        h.update(f"min_count {min_count}".encode())
     for split in SPLITS:
         h.update(split.encode())
         h.update(bytes.fromhex(sha256_file(files[split])))
     return h.hexdigest()
 
 
-def tokenize(files: dict[str, Path]) -> Corpus:
+def tokenize(files: dict[str, Path], min_count: int = 1) -> Corpus:
     """Read and encode the three splits (no cache)."""
     lines = {split: text_lines(files[split]) for split in SPLITS}
-    vocab = Vocab.from_lines(line.split() for line in lines["train"])
+    vocab = Vocab.from_lines((line.split() for line in lines["train"]), min_count)
     encoded = {split: vocab.encode(line.split() for line in lines[split]) for split in SPLITS}
     return Corpus(vocab, *(encoded[s][0] for s in SPLITS),
                   unknown={s: encoded[s][1] for s in SPLITS})
 
 
-def load_corpus(directory: Path) -> Corpus:
-    """Tokenize a data directory, through a cache keyed by the files' sha256.
+def load_corpus(directory: Path, min_count: int = 1) -> Corpus:
+    """Tokenize a data directory, through a cache keyed by the files' sha256 and `min_count`.
 
     The cache lives under `cache_root()/tokenized`; when it cannot be written (read-only home,
     full disk) the corpus is simply tokenized again next time.
     """
     files = find_split_files(directory)
-    cache_file = cache_root() / "tokenized" / f"{_files_digest(files)}.safetensors"
+    cache_file = cache_root() / "tokenized" / f"{_files_digest(files, min_count)}.safetensors"
     if cache_file.is_file():
         try:
             return _read_cache(cache_file)
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
-    corpus = tokenize(files)
+    corpus = tokenize(files, min_count)
     _write_cache(cache_file, corpus)
     return corpus
 
