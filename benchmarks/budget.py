@@ -27,7 +27,7 @@ from lstmlm.cache import cache_evaluate
 from lstmlm.checkpoint import load_run
 from lstmlm.cli import print_json
 from lstmlm.config import load_preset, parse_assignment
-from lstmlm.data import batchify, find_split_files, read_lines
+from lstmlm.data import batchify, read_split
 from lstmlm.datasets import resolve_data
 from lstmlm.errors import LstmlmError
 from lstmlm.evaluate import perplexity
@@ -37,8 +37,8 @@ from lstmlm.train import run_training
 def cache_test_ppl(run_dir: Path) -> float:
     """Test perplexity of the run's best weights with the cache pointer, default settings."""
     cfg, vocab, model = load_run(run_dir)
-    files = find_split_files(resolve_data(cfg.data, recorded=True))
-    ids, _ = vocab.encode(read_lines(files["test"]))
+    _, lines = read_split(resolve_data(cfg.data, recorded=True), "test")
+    ids, _ = vocab.encode(line.split() for line in lines)
     loss, _ = cache_evaluate(model, batchify(ids, 1), cfg.bptt)
     return perplexity(loss)
 
@@ -47,7 +47,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="awd-lstm-cpu")
     parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--data", default="wikitext-2", help="data directory or dataset name")
+    parser.add_argument("--data", default="wikitext-2", help="data directory, text file or dataset name")
     parser.add_argument("--out", help="keep the run directory here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -178,7 +178,7 @@ def test_a_run_stopped_before_its_first_checkpoint_starts_again(plan, tiny_corpu
 @pytest.mark.parametrize("option, message", [
     (["--max-steps", "-5"], "max_steps must be >= 0"),
     (["--dropout-output", "2"], "dropout_output must be in [0, 1)"),
-    (["--data", "no-such-corpus"], "--data no-such-corpus: no such directory"),
+    (["--data", "no-such-corpus"], "--data no-such-corpus: no such file or directory"),
 ])
 def test_a_bad_shared_option_stops_the_plan_before_it_starts(plan, tiny_corpus, tmp_path,
                                                              capsys, option, message):

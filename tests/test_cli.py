@@ -73,16 +73,39 @@ def test_train_refuses_bad_data_and_creates_no_run(capsys, tmp_path, splits, mes
 def test_train_refuses_a_missing_data_directory(capsys, tmp_path):
     line = user_error(capsys, "train", "--data", tmp_path / "nope", "--out", tmp_path / "run",
                       *SMALL)
-    assert "no such directory" in line and str(tmp_path / "nope") in line
+    assert "no such file or directory" in line and str(tmp_path / "nope") in line
     assert not (tmp_path / "run").exists()
 
 
-def test_train_refuses_a_file_as_data_directory(capsys, tmp_path):
-    (tmp_path / "corpus.txt").write_text("a b c\n")
+def test_train_refuses_a_text_file_too_short_to_cut(capsys, tmp_path):
+    (tmp_path / "corpus.txt").write_text("a b c\nd e\n")
     line = user_error(capsys, "train", "--data", tmp_path / "corpus.txt", "--out",
                       tmp_path / "run", *SMALL)
-    assert "not a directory" in line
+    assert "corpus.txt: 2 line(s); one text file is cut by lines into train, valid and test" in line
     assert not (tmp_path / "run").exists()
+
+
+def test_one_text_file_trains_and_evaluates_by_its_parts(capsys, tmp_path, monkeypatch):
+    book = tmp_path / "book.txt"  # 60 lines: 54 for training, then 3 and 3
+    book.write_text("".join(f"line {i} a b c\n" for i in range(60)))
+    monkeypatch.chdir(tmp_path)
+    code, _, err = run(capsys, "train", "--data", "book.txt", "--out", tmp_path / "run", *SMALL)
+    assert code == 0, err
+    config = json.loads((tmp_path / "run" / "config.json").read_text())["config"]
+    assert config["data"] == str(book.resolve())  # found again from any folder
+    words = (tmp_path / "run" / "vocab.txt").read_text().split()
+    assert "53" in words and "54" not in words
+    monkeypatch.chdir(tmp_path / "run")
+    for split, first in (("valid", 54), ("test", 57)):
+        code, out, _ = run(capsys, "evaluate", tmp_path / "run", "--split", split,
+                           "--batch-size", "1", "--json")
+        result = json.loads(out)
+        assert code == 0 and result["data"] == f"{book.resolve()} ({split} part)"
+        # 3 lines of 6 tokens, the first not predicted; the line numbers are unknown words.
+        assert result["tokens"] == 17 and result["unknown_words"] == 3
+    code, out, _ = run(capsys, "evaluate", tmp_path / "run", "--dynamic", "--json",
+                       "--dynamic-batches", "1")
+    assert code == 0 and json.loads(out)["tokens"] == 17
 
 
 def test_train_refuses_too_little_data_for_the_batch_size(capsys, tmp_path):
@@ -354,7 +377,7 @@ def test_evaluate_on_other_data(capsys, tiny_run, tmp_path):
     (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["--batch-size", "-3"], "--batch-size must be at least 1, got -3"),
     (["--batch-size", "100000"], "too few for --batch-size 100000"),
-    (["--data", "/no/such/dir"], "--data /no/such/dir: no such directory"),
+    (["--data", "/no/such/dir"], "--data /no/such/dir: no such file or directory"),
 ])
 def test_evaluate_mistakes(capsys, tiny_run, args, message):
     assert message in user_error(capsys, "evaluate", tiny_run, *args)

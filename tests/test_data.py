@@ -30,14 +30,14 @@ def test_real_corpus_counts(shared_data, name, counts, vocab_size, monkeypatch):
     assert len(corpus.vocab) == vocab_size
     assert corpus.unknown == {"train": 0, "valid": 0, "test": 0}
     # The second load comes from the tensor cache and gives the same corpus.
-    monkeypatch.setattr(data, "tokenize", lambda files: pytest.fail("cache not used"))
+    monkeypatch.setattr(data, "tokenize", lambda *args: pytest.fail("cache not used"))
     again = load_corpus(directory)
     assert torch.equal(again.train, corpus.train) and again.vocab.words == corpus.vocab.words
 
 
 def test_eos_per_line_and_unknown_words(tmp_path):
     d = write_corpus(tmp_path, " a b \n\n b c\n", "a zebra\n", "yak yak a\n")
-    corpus = tokenize(data.find_split_files(d))
+    corpus = tokenize(d)
     v = corpus.vocab
     assert v.decode(corpus.train.tolist()) == ["a", "b", EOS, EOS, "b", "c", EOS]
     assert v.decode(corpus.valid.tolist()) == ["a", UNK, EOS]
@@ -49,7 +49,7 @@ def test_eos_per_line_and_unknown_words(tmp_path):
 
 def test_a_literal_unk_is_a_known_word_and_lines_are_read_once(tmp_path):
     d = write_corpus(tmp_path, "a <unk> b\n", "<unk> zebra <unk>\n", "b\n")
-    corpus = tokenize(data.find_split_files(d))
+    corpus = tokenize(d)
     assert corpus.vocab.decode(corpus.valid.tolist()) == [UNK, UNK, UNK, EOS]
     assert corpus.unknown == {"train": 0, "valid": 1, "test": 0}  # zebra only
     # Both take any iterable of lines, a generator included, and read it once.
@@ -61,7 +61,7 @@ def test_a_literal_unk_is_a_known_word_and_lines_are_read_once(tmp_path):
 
 def test_min_count_maps_rare_training_words_to_unk(tmp_path):
     d = write_corpus(tmp_path / "c", "a a b c c c\nd\n", "a b e\n", "c\n")
-    corpus = tokenize(data.find_split_files(d), min_count=2)
+    corpus = tokenize(d, min_count=2)
     # b and d are seen once; their two occurrences are <unk>'s, which ranks it with a and <eos>.
     assert corpus.vocab.words == ["c", "a", EOS, UNK]
     assert corpus.vocab.decode(corpus.train.tolist()) == [
@@ -70,24 +70,41 @@ def test_min_count_maps_rare_training_words_to_unk(tmp_path):
     assert corpus.unknown == {"train": 2, "valid": 2, "test": 0}
     assert "outside the vocabulary mapped to <unk>: train 2, valid 2" in corpus.summary()
     # min_count 1 keeps every word, the classic setup; each setting is cached on its own.
-    assert tokenize(data.find_split_files(d), min_count=1).vocab.words == \
-        tokenize(data.find_split_files(d)).vocab.words == ["c", "a", EOS, "b", "d", UNK]
+    assert tokenize(d, min_count=1).vocab.words == \
+        tokenize(d).vocab.words == ["c", "a", EOS, "b", "d", UNK]
     assert len(load_corpus(d, 2).vocab) == 4 and len(load_corpus(d).vocab) == 6
     assert load_corpus(d, 2).vocab.words == corpus.vocab.words  # from the cache
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
 
 
+def test_one_text_file_is_cut_by_lines(tmp_path):
+    book = tmp_path / "book.txt"
+    book.write_text("".join(f"w{i}\n" for i in range(45)))
+    assert data.split_file(book) == {"train": [f"w{i}" for i in range(41)],
+                                     "valid": ["w41", "w42"], "test": ["w43", "w44"]}
+    assert data.read_split(book, "test") == (f"{book} (test part)", ["w43", "w44"])
+    corpus = load_corpus(book)
+    assert corpus.vocab.decode(corpus.valid.tolist()) == [UNK, EOS, UNK, EOS]
+    assert (corpus.train.numel(), corpus.test.numel()) == (82, 4)
+    book.write_text("a\nb\nc\n")  # the fewest lines: one per split; a new cache entry
+    assert [load_corpus(book).split(s).numel() for s in ("train", "valid", "test")] == [2, 2, 2]
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
+    book.write_text("a\n\n")
+    with pytest.raises(CorpusError, match=r"book.txt: 2 line\(s\); one text file is cut"):
+        load_corpus(book)
+
+
 def test_wiki_token_file_names_and_crlf(tmp_path):
     d = write_corpus(tmp_path, "x y\r\nz\r\n", "x\n", "y\n",
                      names=("wiki.train.tokens", "wiki.valid.tokens", "wiki.test.tokens"))
-    corpus = tokenize(data.find_split_files(d))
+    corpus = tokenize(d)
     assert corpus.vocab.decode(corpus.train.tolist()) == ["x", "y", EOS, "z", EOS]
 
 
 def test_a_byte_order_mark_is_not_part_of_the_first_word(tmp_path):
     bom = "\ufeff"
     d = write_corpus(tmp_path, bom + "the cat\n", bom + "the\n", "cat\n")
-    corpus = tokenize(data.find_split_files(d))
+    corpus = tokenize(d)
     assert corpus.vocab.decode(corpus.train.tolist()) == ["the", "cat", EOS]
     assert corpus.unknown == {"train": 0, "valid": 0, "test": 0}
 
@@ -138,7 +155,7 @@ def test_unusable_files(tmp_path, content, message):
     d = write_corpus(tmp_path, "a\n", "a\n", "a\n")
     (d / "valid.txt").write_bytes(content)
     with pytest.raises(CorpusError, match=message):
-        tokenize(data.find_split_files(d))
+        tokenize(d)
 
 
 def test_missing_split_and_directory(tmp_path):

@@ -223,12 +223,14 @@ def test_interrupt_leaves_nothing(server, tmp_path, monkeypatch):
 
 def test_resolve_data_errors(tmp_path):
     assert resolve_data(str(tmp_path)) == tmp_path  # an existing directory is used as is
+    plain = tmp_path / "book.txt"
+    plain.write_text("a b\n")
+    assert resolve_data(str(plain)) == plain  # and so is a file (data.split_file cuts it)
     with pytest.raises(LstmlmError, match="--data is empty"):
         resolve_data("")
-    with pytest.raises(LstmlmError, match=r"--data nope: no such directory.*wikitext-2, "
+    with pytest.raises(LstmlmError, match=r"--data nope: no such file or directory.*wikitext-2, "
                                           r"wikitext-103, ptb"):
         resolve_data("nope")
-    plain = tmp_path / "train.txt"
-    plain.write_text("a b\n")
-    with pytest.raises(LstmlmError, match=r"is a file, not a directory"):
-        resolve_data(str(plain))
+    os.mkfifo(tmp_path / "pipe")
+    with pytest.raises(LstmlmError, match=r"pipe: not a regular file or directory; pass a text"):
+        resolve_data(str(tmp_path / "pipe"))

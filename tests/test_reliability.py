@@ -489,7 +489,7 @@ def test_control_characters_and_literal_special_tokens(tmp_path):
     # code (PTB's text contains <unk>).
     train = "a \x01b c\x1b[0m\n<eos> d\x0ce <unk>\nf\x1fg\x85h\u2028i\x7f\n"
     d = make_corpus(tmp_path / "d", train=train, valid="a <unk> zz\n", test="<eos>\n")
-    corpus = data.tokenize(data.find_split_files(d))
+    corpus = data.tokenize(d)
     v = corpus.vocab
     assert v.decode(corpus.train.tolist()) == [
         "a", "\x01b", "c\x1b[0m", EOS, EOS, "d", "e", UNK, EOS, "f", "g", "h", "i\x7f", EOS]

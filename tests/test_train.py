@@ -376,7 +376,7 @@ def test_min_count_sets_the_runs_vocabulary_and_stays_on_resume(corpus, tmp_path
 def test_resume_finds_moved_data_but_refuses_other_data(corpus, tmp_path):
     run_training(tiny(corpus, max_steps=4), out=tmp_path / "run", quiet=True)
     moved = corpus.rename(tmp_path / "moved")
-    with pytest.raises(LstmlmError, match="no such directory"):
+    with pytest.raises(LstmlmError, match="no such file or directory"):
         run_training(resume=tmp_path / "run", quiet=True)
     # The same words, fewer lines: the vocabulary matches, the number of training tokens not.
     shorter = tmp_path / "shorter"

@@ -30,7 +30,7 @@ from typing import NoReturn
 
 from . import checkpoint as ckpt
 from .config import Config, ConfigError, did_you_mean, load_preset, packaged_tomls, read_toml
-from .data import find_split_files
+from .data import load_corpus
 from .datasets import recorded_data, resolve_data
 from .errors import LstmlmError
 from .report import (PLAN_STATUS, REPORT_FILES, UNLIMITED_EPOCHS, collect_row, empty_row,
@@ -191,8 +191,8 @@ def run_plan(plan: str, out: Path, overrides: dict | None = None, quiet: bool = 
     # Every run's settings, shared options and data included, fail here, before any training.
     overrides = common_overrides(overrides or {})
     configs = [run_config(run, overrides) for run in runs]
-    for data in sorted({cfg.data for cfg in configs}):
-        find_split_files(resolve_data(data))
+    for data, min_count in sorted({(cfg.data, cfg.min_count) for cfg in configs}):
+        load_corpus(resolve_data(data), min_count)  # cached for the runs
     out = Path(out)
     for run, cfg in zip(runs, configs):
         check_run_dir(out / run.name, cfg)

@@ -26,7 +26,7 @@ from .cache import (DEFAULT_LAMBDA, DEFAULT_THETA, DEFAULT_WINDOW, cache_evaluat
                     check_cache)
 from .checkpoint import RUN_FILES, load_run
 from .config import FIELDS, list_presets, load_preset, parse_assignment, parse_value
-from .data import batchify, find_split_files, read_lines, read_text, split_lines
+from .data import batchify, read_split, read_text, split_lines
 from .datasets import resolve_data
 from .dynamic import (DEFAULT_BPTT, DEFAULT_DECAY, DEFAULT_LR, DEFAULT_STAT_BATCHES, check_dynamic,
                       dynamic_evaluate)
@@ -145,10 +145,15 @@ def cmd_evaluate(args) -> None:
     check_evaluate_options(args)
     cache = args.cache or args.cache_search
     cfg, vocab, model = load_run(Path(args.run_dir), args.device)
-    data = resolve_data(args.data) if args.data else resolve_data(cfg.data, recorded=True)
-    files = find_split_files(data)
-    ids, unknown = vocab.encode(read_lines(files[args.split]))
-    ids = ids.to(model.embedding.weight.device)
+    corpus = resolve_data(args.data) if args.data else resolve_data(cfg.data, recorded=True)
+
+    def encoded(split):
+        """(where the split comes from, its token ids on the model's device, unknown words)"""
+        source, lines = read_split(corpus, split)
+        ids, unknown = vocab.encode(line.split() for line in lines)
+        return source, ids.to(model.embedding.weight.device), unknown
+
+    source, ids, unknown = encoded(args.split)
     batch_size = args.batch_size
     if batch_size is None:  # not `or`: --batch-size 0 is a mistake, not the default
         if cache or args.dynamic:
@@ -157,15 +162,15 @@ def cmd_evaluate(args) -> None:
             batch_size = cfg.valid_batch_size if args.split == "valid" else cfg.test_batch_size
     if batch_size < 1:
         raise LstmlmError(f"--batch-size must be at least 1, got {batch_size}")
-    data = batchify(ids, batch_size, str(files[args.split]), "--batch-size")
+    data = batchify(ids, batch_size, source, "--batch-size")
     result = {"split": args.split}
     start = time.perf_counter()
     if cache:
         if args.cache_search:
-            valid = ids if args.split == "valid" else vocab.encode(
-                read_lines(files["valid"]))[0].to(ids.device)
-            grid = cache_search(model, batchify(valid, batch_size, str(files["valid"]),
-                                                "--batch-size"), cfg.bptt, args.cache_window)
+            valid_source, valid, _ = (source, ids, 0) if args.split == "valid" else encoded(
+                "valid")
+            grid = cache_search(model, batchify(valid, batch_size, valid_source, "--batch-size"),
+                                cfg.bptt, args.cache_window)
             args.cache_theta, args.cache_lambda = grid[0]["theta"], grid[0]["lambda"]
             result["cache_search"] = [{**r, "ppl": perplexity(r["loss"])} for r in grid]
             if not args.json:
@@ -179,7 +184,7 @@ def cmd_evaluate(args) -> None:
         method = (f", cache window {args.cache_window} theta {args.cache_theta} "
                   f"lambda {args.cache_lambda}")
     elif args.dynamic:
-        train = vocab.encode(read_lines(files["train"]))[0].to(ids.device)
+        train = encoded("train")[1]
         loss, tokens = dynamic_evaluate(model, data, train, args.dynamic_bptt, args.dynamic_lr,
                                         args.dynamic_decay, args.dynamic_batches)
         result["dynamic"] = {"lr": args.dynamic_lr, "decay": args.dynamic_decay,
@@ -194,7 +199,7 @@ def cmd_evaluate(args) -> None:
     left_out = len(ids) - 1 - tokens
     result.update({"loss": loss, "ppl": perplexity(loss), "tokens": tokens,
                    "tokens_left_out": left_out, "unknown_words": unknown,
-                   "batch_size": batch_size, "data": str(files[args.split]),
+                   "batch_size": batch_size, "data": source,
                    "seconds": round(seconds, 1)})
     if args.json:
         print_json(result)
@@ -341,7 +346,7 @@ def build_parser() -> ArgumentParser:
                     "cache, while dynamic evaluation adapts one model shared by the streams.")
     p.add_argument("run_dir", type=given)
     p.add_argument("--data", type=given,
-                   help="data directory or dataset name (default: the run's)")
+                   help="data directory, text file or dataset name (default: the run's)")
     p.add_argument("--split", choices=("train", "valid", "test"), default="test")
     p.add_argument("--batch-size", type=int,
                    help="default: the run's valid/test batch size; 1 with --cache or --dynamic")

@@ -40,7 +40,8 @@ def fits_a_seed(seed: int) -> bool:
 @dataclass
 class Config:
     # data
-    data: str = _f("wikitext-2", "data directory, or a dataset name: wikitext-2, wikitext-103, ptb")
+    data: str = _f("wikitext-2", "data directory, one text file (cut into train/valid/test), or "
+                                 "a dataset name: wikitext-2, wikitext-103, ptb")
     batch_size: int = _f(20, "parallel token streams per training batch")
     bptt: int = _f(35, "tokens per truncated back-propagation window")
     valid_batch_size: int = _f(10, "batch size for validation")

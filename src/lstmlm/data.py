@@ -4,7 +4,8 @@ The conventions are those of the classic WikiText-2 / Penn Treebank setup (pytor
 `word_language_model`, salesforce `awd-lstm-lm`): each line is split on whitespace and ends with
 one `<eos>` token, empty lines included. The vocabulary comes from the training split; words
 of valid/test that training never saw become `<unk>`, and so do training words seen fewer than
-`min_count` times (1 by default, as in the reference code: every training word is kept).
+`min_count` times (1 by default, as in the reference code: every training word is kept). A
+corpus is a directory of three split files, or one text file cut by lines (`split_file`).
 """
 
 from __future__ import annotations
@@ -133,6 +134,30 @@ def find_split_files(directory: Path) -> dict[str, Path]:
     return found
 
 
+def split_file(path: Path) -> dict[str, list[str]]:
+    """One text file as a corpus: its lines in order, the first nine tenths for training, then
+    a twentieth for validation and the last twentieth for the test (at least a line each).
+    Contiguous parts, as in WikiText and PTB, keep each part's documents whole."""
+    lines = text_lines(path)
+    held_out = max(1, len(lines) // 20)
+    if len(lines) < 3:
+        raise CorpusError(
+            f"{path}: {len(lines)} line(s); one text file is cut by lines into train, valid and "
+            "test, so it needs at least 3 (better thousands); or pass a directory holding "
+            "train.txt valid.txt test.txt")
+    valid = len(lines) - 2 * held_out
+    return {"train": lines[:valid], "valid": lines[valid:-held_out], "test": lines[-held_out:]}
+
+
+def read_split(data: Path, split: str) -> tuple[str, list[str]]:
+    """(where the split's text comes from, for messages; its lines) for `--data`: a data
+    directory's file for the split, or the split's part of one text file (`split_file`)."""
+    if Path(data).is_file():
+        return f"{data} ({split} part)", split_file(data)[split]
+    path = find_split_files(data)[split]
+    return str(path), text_lines(path)
+
+
 class Vocab:
     """Word <-> id mapping. Ids are sorted by training frequency (most frequent first)."""
 
@@ -225,39 +250,49 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _files_digest(files: dict[str, Path], min_count: int) -> str:
+def _data_digest(data: Path, min_count: int) -> str:
     h = hashlib.sha256(f"lstmlm-corpus-{CACHE_FORMAT}".encode())
     if min_count > 1:  # 1 keeps the key it had before min_count existed
         h.update(f"min_count {min_count}".encode())
+    if data.is_file():
+        h.update(b"one file, cut by split_file")
+        h.update(bytes.fromhex(sha256_file(data)))
+        return h.hexdigest()
+    files = find_split_files(data)
     for split in SPLITS:
         h.update(split.encode())
         h.update(bytes.fromhex(sha256_file(files[split])))
     return h.hexdigest()
 
 
-def tokenize(files: dict[str, Path], min_count: int = 1) -> Corpus:
-    """Read and encode the three splits (no cache)."""
-    lines = {split: text_lines(files[split]) for split in SPLITS}
+def tokenize(data: Path, min_count: int = 1) -> Corpus:
+    """Read and encode the three splits of a data directory or of one text file (no cache)."""
+    data = Path(data)
+    if data.is_file():
+        lines = split_file(data)
+    else:
+        lines = {split: text_lines(path) for split, path in find_split_files(data).items()}
     vocab = Vocab.from_lines((line.split() for line in lines["train"]), min_count)
     encoded = {split: vocab.encode(line.split() for line in lines[split]) for split in SPLITS}
     return Corpus(vocab, *(encoded[s][0] for s in SPLITS),
                   unknown={s: encoded[s][1] for s in SPLITS})
 
 
-def load_corpus(directory: Path, min_count: int = 1) -> Corpus:
-    """Tokenize a data directory, through a cache keyed by the files' sha256 and `min_count`.
+def load_corpus(data: Path, min_count: int = 1) -> Corpus:
+    """Tokenize a data directory or one text file, through a cache keyed by the files' sha256
+    and `min_count`.
 
     The cache lives under `cache_root()/tokenized`; when it cannot be written (read-only home,
     full disk) the corpus is simply tokenized again next time.
     """
-    files = find_split_files(directory)
-    cache_file = cache_root() / "tokenized" / f"{_files_digest(files, min_count)}.safetensors"
+    data = Path(data)
+    cache_file = cache_root() / "tokenized" / f"{_data_digest(data, min_count)}.safetensors"
     if cache_file.is_file():
         try:
             return _read_cache(cache_file)
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
-    corpus = tokenize(files, min_count)
+    corpus = tokenize(data, min_count)
     _write_cache(cache_file, corpus)
     return corpus
 

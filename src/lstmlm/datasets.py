@@ -99,17 +99,18 @@ def _is_complete(directory: Path) -> bool:
 
 
 def recorded_data(spec: str) -> str:
-    """What a run records as its data: an existing directory as an absolute path, so that the
-    run can be evaluated or resumed from any folder; a dataset name as it is (unless a folder
-    of that name here holds the splits: resolve_data reads that one)."""
+    """What a run records as its data: an existing directory or file as an absolute path, so
+    that the run can be evaluated or resumed from any folder; a dataset name as it is (unless a
+    folder of that name here holds the splits: resolve_data reads that one)."""
     path = Path(spec).expanduser()
     if spec in DATASETS and not _is_complete(path):
         return spec
-    return str(path.resolve()) if spec and path.is_dir() else spec
+    return str(path.resolve()) if spec and (path.is_dir() or path.is_file()) else spec
 
 
 def resolve_data(spec: str, recorded: bool = False) -> Path:
-    """The data directory that `--data spec` names, downloading a named dataset if needed.
+    """The data directory or text file that `--data spec` names, downloading a named dataset
+    if needed.
 
     A dataset name means the local folder of that name only if it holds the splits; a
     `recorded` spec comes from a run's config.json, where directories are absolute paths, so a
@@ -122,15 +123,16 @@ def resolve_data(spec: str, recorded: bool = False) -> Path:
         directory = data_root() / spec
         return directory if _is_complete(directory) else download_dataset(spec)
     path = Path(spec).expanduser()
-    if path.is_dir():
+    if path.is_dir() or path.is_file():
         return path
     if path.exists():
         raise LstmlmError(
-            f"--data {spec}: is a file, not a directory; pass a directory holding "
-            f"train.txt valid.txt test.txt, or a dataset name ({', '.join(DATASETS)})")
+            f"--data {spec}: not a regular file or directory; pass a text file, a directory "
+            f"holding train.txt valid.txt test.txt, or a dataset name ({', '.join(DATASETS)})")
     raise LstmlmError(
-        f"--data {spec}: no such directory, and not a known dataset name "
-        f"({', '.join(DATASETS)}); pass a directory holding train.txt valid.txt test.txt")
+        f"--data {spec}: no such file or directory, and not a known dataset name "
+        f"({', '.join(DATASETS)}); pass a text file, or a directory holding train.txt "
+        "valid.txt test.txt")
 
 
 def download_dataset(name: str, root: Path | None = None, url: str | None = None) -> Path:
