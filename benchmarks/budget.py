@@ -47,7 +47,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="awd-lstm-cpu")
     parser.add_argument("--minutes", type=float, default=60.0)
-    parser.add_argument("--data", default="wikitext-2", help="data directory, text file or dataset name")
+    parser.add_argument("--data", default="wikitext-2",
+                        help="data directory, text file or dataset name")
     parser.add_argument("--out", help="keep the run directory here")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     parser.add_argument("--json", action="store_true", help="print one JSON object")

@@ -3,6 +3,8 @@
 import json
 import math
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,9 @@ import pytest
 import torch
 
 import lstmlm
-from lstmlm.cli import main
+from lstmlm.ablate import load_plan
+from lstmlm.cli import build_parser, config_overrides, main
+from lstmlm.config import load_preset
 from tests.helpers import make_corpus, run, snapshot
 
 if sys.version_info >= (3, 11):
@@ -613,3 +617,36 @@ def test_the_lstmlm_command_is_the_interrupt_safe_entry():
 
     (script,) = entry_points(group="console_scripts", name="lstmlm")
     assert script.value == "lstmlm.__main__:run"
+
+
+# ---- the README's commands ----------------------------------------------------------------------
+
+def readme_commands() -> list[list[str]]:
+    """The arguments of every `lstmlm ...` (or `-m lstmlm ...`) command in the README's bash
+    blocks."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text(encoding="utf-8")
+    commands = []
+    for block in re.findall(r"```bash\n(.*?)```", readme, re.S):
+        for line in block.replace("\\\n", " ").splitlines():
+            for part in line.split("&&"):
+                words = shlex.split(part, comments=True)
+                if "lstmlm" in words and words[-1] != "--version":
+                    commands.append(words[words.index("lstmlm") + 1:])
+    return commands
+
+
+def test_the_readme_has_commands_to_check():
+    commands = readme_commands()
+    assert len(commands) >= 15 and ["report", "runs/a", "runs/b", "--out", "compare/"] in commands
+
+
+@pytest.mark.parametrize("argv", readme_commands(), ids=" ".join)
+def test_every_command_in_the_readme_parses(argv):
+    """Flags, presets, plans and settings that the README shows exist (nothing is run)."""
+    args = build_parser().parse_args(argv)  # a wrong flag exits with status 2
+    if hasattr(args, "set"):
+        config_overrides(args)
+    if getattr(args, "preset", None):
+        load_preset(args.preset)
+    if getattr(args, "plan", None):
+        load_plan(args.plan)

@@ -167,8 +167,8 @@ def cmd_evaluate(args) -> None:
     start = time.perf_counter()
     if cache:
         if args.cache_search:
-            valid_source, valid, _ = (source, ids, 0) if args.split == "valid" else encoded(
-                "valid")
+            valid_source, valid = ((source, ids) if args.split == "valid"
+                                   else encoded("valid")[:2])
             grid = cache_search(model, batchify(valid, batch_size, valid_source, "--batch-size"),
                                 cfg.bptt, args.cache_window)
             args.cache_theta, args.cache_lambda = grid[0]["theta"], grid[0]["lambda"]

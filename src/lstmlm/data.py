@@ -137,7 +137,8 @@ def find_split_files(directory: Path) -> dict[str, Path]:
 def split_file(path: Path) -> dict[str, list[str]]:
     """One text file as a corpus: its lines in order, the first nine tenths for training, then
     a twentieth for validation and the last twentieth for the test (at least a line each).
-    Contiguous parts, as in WikiText and PTB, keep each part's documents whole."""
+    Contiguous parts, as in WikiText and PTB, not lines drawn at random: held-out lines would
+    otherwise sit between training lines of the same documents."""
     lines = text_lines(path)
     held_out = max(1, len(lines) // 20)
     if len(lines) < 3:
