@@ -92,6 +92,8 @@ def test_one_text_file_is_cut_by_lines(tmp_path):
     book.write_text("a\n\n")
     with pytest.raises(CorpusError, match=r"book.txt: 2 line\(s\); one text file is cut"):
         load_corpus(book)
+    book.write_text("w\n" * 250_000)  # a large corpus keeps its validation quick
+    assert [len(part) for part in data.split_file(book).values()] == [240_000, 5_000, 5_000]
 
 
 def test_wiki_token_file_names_and_crlf(tmp_path):
