@@ -144,12 +144,12 @@ def split_file(path: Path) -> dict[str, list[str]]:
     Contiguous parts, as in WikiText and PTB, not lines drawn at random: held-out lines would
     otherwise sit between training lines of the same documents."""
     lines = text_lines(path)
-    held_out = max(1, min(len(lines) // 20, HELD_OUT_LINES))
     if len(lines) < 3:
         raise CorpusError(
             f"{path}: {len(lines)} line(s); one text file is cut by lines into train, valid and "
             "test, so it needs at least 3 (better thousands); or pass a directory holding "
             "train.txt valid.txt test.txt")
+    held_out = max(1, min(len(lines) // 20, HELD_OUT_LINES))
     valid = len(lines) - 2 * held_out
     return {"train": lines[:valid], "valid": lines[valid:-held_out], "test": lines[-held_out:]}
 
