@@ -59,6 +59,7 @@ def test_missing_equals():
     ({"dropout_input": -0.1}, "dropout_input must be in"),
     ({"batch_size": 0}, "batch_size must be at least 1"),
     ({"min_count": 0}, "min_count must be at least 1"),
+    ({"max_vocab": 2}, r"max_vocab must be 0 \(no limit\) or at least 3"),
     ({"hidden_size": 2**70}, r"hidden_size must be below 2\*\*31, got 1180591620717411303424"),
     ({"num_layers": 2**31}, r"num_layers must be below 2\*\*31"),
     ({"lr": 0.0}, "lr must be > 0"),

@@ -77,6 +77,24 @@ def test_min_count_maps_rare_training_words_to_unk(tmp_path):
     assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 2
 
 
+def test_max_vocab_keeps_the_most_frequent_words(tmp_path):
+    d = write_corpus(tmp_path / "c", "a a b c c c\nd\n", "a b e\n", "c\n")
+    # Four words in all: c, a and <eos> keep their ranks; b and d become <unk>, which then
+    # counts 2, as often as a, and ranks after it.
+    corpus = tokenize(d, max_vocab=4)
+    assert corpus.vocab.words == ["c", "a", EOS, UNK]
+    assert corpus.unknown == {"train": 2, "valid": 2, "test": 0}
+    # At 3, a goes too: <unk> then counts 4 (a, a, b, d), more than c, and comes first.
+    assert tokenize(d, max_vocab=3).vocab.words == [UNK, "c", EOS]
+    assert tokenize(d, max_vocab=6).vocab.words == tokenize(d).vocab.words  # no word left out
+    # With min_count, the rare words go first, then the limit applies to what is left.
+    assert tokenize(d, min_count=2, max_vocab=3).vocab.words == [UNK, "c", EOS]
+    # Each limit is cached on its own; no limit keeps the key of a corpus without one.
+    assert len(load_corpus(d, max_vocab=4).vocab) == 4 and len(load_corpus(d).vocab) == 6
+    assert len(load_corpus(d, max_vocab=3).vocab) == 3
+    assert len(list((tmp_path / "cache" / "tokenized").iterdir())) == 3
+
+
 def test_one_text_file_is_cut_by_lines(tmp_path):
     book = tmp_path / "book.txt"
     book.write_text("".join(f"w{i}\n" for i in range(45)))

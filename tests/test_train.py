@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import lstmlm
 from lstmlm import checkpoint as ckpt
 from lstmlm.config import Config, ConfigError
 from lstmlm.errors import LstmlmError
@@ -371,6 +372,20 @@ def test_min_count_sets_the_runs_vocabulary_and_stays_on_resume(corpus, tmp_path
                         quiet=True)["steps"] == 3
     with pytest.raises(ConfigError, match="cannot change min_count"):
         run_training(resume=tmp_path / "run", overrides={"min_count": 1}, quiet=True)
+
+
+def test_max_vocab_sets_the_runs_vocabulary_and_stays_on_resume(corpus, tmp_path):
+    run_training(tiny(corpus, max_steps=2, max_vocab=5), out=tmp_path / "run", quiet=True)
+    words = (tmp_path / "run" / ckpt.VOCAB).read_text().split("\n")[:-1]
+    assert len(words) == 5 and "<unk>" in words and "<eos>" in words
+    lm = lstmlm.load(tmp_path / "run")
+    assert lm.model.embedding.num_embeddings == len(lm.vocab) == 5
+    with pytest.warns(UserWarning, match="zebra"):  # words left out are read as <unk>
+        assert math.isfinite(lm.perplexity("a zebra"))
+    assert run_training(resume=tmp_path / "run", overrides={"max_steps": 3},
+                        quiet=True)["steps"] == 3
+    with pytest.raises(ConfigError, match="cannot change max_vocab"):
+        run_training(resume=tmp_path / "run", overrides={"max_vocab": 0}, quiet=True)
 
 
 def test_resume_finds_moved_data_but_refuses_other_data(corpus, tmp_path):

@@ -191,8 +191,9 @@ def run_plan(plan: str, out: Path, overrides: dict | None = None, quiet: bool = 
     # Every run's settings, shared options and data included, fail here, before any training.
     overrides = common_overrides(overrides or {})
     configs = [run_config(run, overrides) for run in runs]
-    for data, min_count in sorted({(cfg.data, cfg.min_count) for cfg in configs}):
-        load_corpus(resolve_data(data), min_count)  # cached for the runs
+    for data, min_count, max_vocab in sorted({(c.data, c.min_count, c.max_vocab)
+                                              for c in configs}):
+        load_corpus(resolve_data(data), min_count, max_vocab)  # cached for the runs
     out = Path(out)
     for run, cfg in zip(runs, configs):
         check_run_dir(out / run.name, cfg)

@@ -48,6 +48,8 @@ class Config:
     test_batch_size: int = _f(10, "batch size for the final test evaluation")
     min_count: int = _f(1, "training words seen fewer times than this become <unk> (1: keep "
                            "every word; 2 or 3 for raw text with many rare words)")
+    max_vocab: int = _f(0, "keep only the most frequent training words, this many with <eos> "
+                           "and <unk>; the rest become <unk> (0: no limit)")
     # model
     embedding_size: int = _f(380, "word embedding size")
     hidden_size: int = _f(400, "LSTM hidden size")
@@ -184,6 +186,8 @@ class Config:
                      "lr_patience", "min_lr", "last_hidden_size", "bptt_max_extra", "ar_alpha",
                      "tar_beta", "max_nan_retries"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
+        need(self.max_vocab == 0 or self.max_vocab >= 3, "max_vocab must be 0 (no limit) or at "
+             f"least 3 (<eos>, <unk> and a word), got {self.max_vocab}")
         need(self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(0 < self.nan_lr_factor < 1,
              f"nan_lr_factor must be in (0, 1), got {self.nan_lr_factor}")

@@ -4,7 +4,8 @@ The conventions are those of the classic WikiText-2 / Penn Treebank setup (pytor
 `word_language_model`, salesforce `awd-lstm-lm`): each line is split on whitespace and ends with
 one `<eos>` token, empty lines included. The vocabulary comes from the training split; words
 of valid/test that training never saw become `<unk>`, and so do training words seen fewer than
-`min_count` times (1 by default, as in the reference code: every training word is kept). A
+`min_count` times (1 by default, as in the reference code: every training word is kept) and,
+with `max_vocab`, all but the most frequent words. A
 corpus is a directory of three split files, or one text file cut by lines (`split_file`).
 """
 
@@ -177,10 +178,12 @@ class Vocab:
         self.eos_id = self.index[EOS]
 
     @classmethod
-    def from_lines(cls, lines: Iterable[list[str]], min_count: int = 1) -> "Vocab":
+    def from_lines(cls, lines: Iterable[list[str]], min_count: int = 1,
+                   max_vocab: int = 0) -> "Vocab":
         """The vocabulary of the words of `lines`, read once. Words seen fewer than
-        `min_count` times are left out; their occurrences count as `<unk>`'s, so that `<unk>`
-        takes the place its frequency earns."""
+        `min_count` times are left out, and with `max_vocab` all but the most frequent words
+        (`max_vocab` words in all, `<eos>` and `<unk>` included); their occurrences count as
+        `<unk>`'s, so that `<unk>` takes the place its frequency earns."""
         counts, num_lines = Counter(), 0
         for words in lines:
             counts.update(words)
@@ -190,6 +193,9 @@ class Vocab:
         if min_count > 1:
             rare = [w for w, n in counts.items() if n < min_count and w not in (EOS, UNK)]
             counts[UNK] += sum(counts.pop(w) for w in rare)
+        if max_vocab and len(counts) > max_vocab:
+            ranked = [w for w, _ in counts.most_common() if w not in (EOS, UNK)]
+            counts[UNK] += sum(counts.pop(w) for w in ranked[max_vocab - 2:])
         # Counter.most_common keeps first-seen order among equal counts: deterministic.
         return cls([w for w, _ in counts.most_common()])
 
@@ -229,7 +235,7 @@ class Corpus:
     train: torch.Tensor
     valid: torch.Tensor
     test: torch.Tensor
-    unknown: dict[str, int]  # words mapped to <unk>: unseen in training, or rarer than min_count
+    unknown: dict[str, int]  # words mapped to <unk>: unseen in training, or left out of it
 
     def split(self, name: str) -> torch.Tensor:
         return getattr(self, name)
@@ -255,10 +261,12 @@ def sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def _data_digest(data: Path, min_count: int) -> str:
+def _data_digest(data: Path, min_count: int, max_vocab: int) -> str:
     h = hashlib.sha256(f"lstmlm-corpus-{CACHE_FORMAT}".encode())
-    if min_count > 1:  # 1 keeps the key it had before min_count existed
+    if min_count > 1:  # the defaults keep the key from before these settings existed
         h.update(f"min_count {min_count}".encode())
+    if max_vocab:
+        h.update(f"max_vocab {max_vocab}".encode())
     if data.is_file():
         h.update(f"one file, cut by split_file, held-out parts <= {HELD_OUT_LINES}".encode())
         h.update(bytes.fromhex(sha256_file(data)))
@@ -270,34 +278,35 @@ def _data_digest(data: Path, min_count: int) -> str:
     return h.hexdigest()
 
 
-def tokenize(data: Path, min_count: int = 1) -> Corpus:
+def tokenize(data: Path, min_count: int = 1, max_vocab: int = 0) -> Corpus:
     """Read and encode the three splits of a data directory or of one text file (no cache)."""
     data = Path(data)
     if data.is_file():
         lines = split_file(data)
     else:
         lines = {split: text_lines(path) for split, path in find_split_files(data).items()}
-    vocab = Vocab.from_lines((line.split() for line in lines["train"]), min_count)
+    vocab = Vocab.from_lines((line.split() for line in lines["train"]), min_count, max_vocab)
     encoded = {split: vocab.encode(line.split() for line in lines[split]) for split in SPLITS}
     return Corpus(vocab, *(encoded[s][0] for s in SPLITS),
                   unknown={s: encoded[s][1] for s in SPLITS})
 
 
-def load_corpus(data: Path, min_count: int = 1) -> Corpus:
-    """Tokenize a data directory or one text file, through a cache keyed by the files' sha256
-    and `min_count`.
+def load_corpus(data: Path, min_count: int = 1, max_vocab: int = 0) -> Corpus:
+    """Tokenize a data directory or one text file, through a cache keyed by the files' sha256,
+    `min_count` and `max_vocab`.
 
     The cache lives under `cache_root()/tokenized`; when it cannot be written (read-only home,
     full disk) the corpus is simply tokenized again next time.
     """
     data = Path(data)
-    cache_file = cache_root() / "tokenized" / f"{_data_digest(data, min_count)}.safetensors"
+    digest = _data_digest(data, min_count, max_vocab)
+    cache_file = cache_root() / "tokenized" / f"{digest}.safetensors"
     if cache_file.is_file():
         try:
             return _read_cache(cache_file)
         except Exception:  # a damaged cache file is rebuilt, never trusted
             pass
-    corpus = tokenize(data, min_count)
+    corpus = tokenize(data, min_count, max_vocab)
     _write_cache(cache_file, corpus)
     return corpus
 

@@ -613,7 +613,7 @@ class _StopOnSignal:
 
 def _corpus_of(run_dir: Path, cfg: Config, vocab_size: int) -> Corpus:
     """The corpus an existing run was trained on; refuses data with another vocabulary."""
-    corpus = load_corpus(resolve_data(cfg.data, recorded=True), cfg.min_count)
+    corpus = load_corpus(resolve_data(cfg.data, recorded=True), cfg.min_count, cfg.max_vocab)
     if ckpt.read_vocab(run_dir, vocab_size).words != corpus.vocab.words:
         raise ckpt.RunDirError(
             f"{run_dir} was trained with another vocabulary than {cfg.data} gives (other "
@@ -675,7 +675,7 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
         if cfg.finetune:  # it needs a trained run's weights to start from
             raise ConfigError("finetune is set by `lstmlm finetune RUN`, which starts from RUN's "
                               "weights; to average from the start use ntasgd or average_from")
-        corpus = load_corpus(resolve_data(cfg.data), cfg.min_count)
+        corpus = load_corpus(resolve_data(cfg.data), cfg.min_count, cfg.max_vocab)
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
         with _claimed(trainer, out, lambda: ckpt.create_run_dir(out, cfg, corpus.vocab)):
             return _train(trainer, corpus)
