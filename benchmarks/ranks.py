@@ -24,25 +24,30 @@ import sys
 import tempfile
 from pathlib import Path
 
-from lstmlm.data import find_split_files
+from lstmlm.data import read_splits
 from lstmlm.datasets import resolve_data
 from lstmlm.errors import LstmlmError
 
 
+def first_tokens(lines: list[str], limit: int) -> list[str]:
+    """The first lines that hold `limit` tokens (words and <eos>), or all of them."""
+    tokens = 0
+    for i, line in enumerate(lines):
+        tokens += len(line.split()) + 1
+        if tokens >= limit:
+            return lines[:i + 1]
+    return lines
+
+
 def small_eval_copy(data: Path, folder: Path) -> Path:
-    """The corpus with its full training split and short validation and test splits."""
-    files = find_split_files(data)  # train.txt ... or wiki.train.tokens ...
+    """The corpus (a directory or one text file) as a directory with its full training split
+    and short validation and test splits."""
     folder.mkdir()
-    (folder / "train.txt").symlink_to(files["train"].resolve())
-    for split in ("valid", "test"):
-        lines, tokens = [], 0
-        with open(files[split], encoding="utf-8") as f:
-            for line in f:
-                lines.append(line)
-                tokens += len(line.split()) + 1
-                if tokens >= 20_000:
-                    break
-        (folder / f"{split}.txt").write_text("".join(lines), encoding="utf-8")
+    for split, lines in read_splits(data).items():
+        if split != "train":
+            lines = first_tokens(lines, 20_000)
+        (folder / f"{split}.txt").write_text("".join(f"{line}\n" for line in lines),
+                                             encoding="utf-8")
     return folder
 
 
@@ -63,7 +68,8 @@ def tokens_per_s(ranks: int, preset: str, data: Path, steps: int, out: Path,
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="lstm-baseline")
-    parser.add_argument("--data", default="wikitext-2", help="data directory or dataset name")
+    parser.add_argument("--data", default="wikitext-2",
+                        help="data directory, one text file or dataset name")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--steps", type=int, default=200, help="training steps per count")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",

@@ -1,5 +1,6 @@
 """benchmarks/throughput.py runs end to end (on a tiny corpus and model; no timing asserted)."""
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -66,12 +67,16 @@ def test_throughput_against_another_source_tree(tiny_corpus, tmp_path):
     assert done.returncode == 2 and "no lstmlm package there" in done.stderr
 
 
-def test_throughput_table(capsys):
-    import importlib.util
+def load_script(name: str):
+    """A benchmark script as a module, to call its functions."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    spec = importlib.util.spec_from_file_location("throughput", SCRIPT)
-    throughput = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(throughput)
+
+def test_throughput_table(capsys):
+    throughput = load_script("throughput")
     result = {"preset": "awd-lstm", "train_tokens_per_s": 860.4, "eval_tokens_per_s": 2058.0,
               "eval_batch_size": 10, "eval_b1_tokens_per_s": 1143.0, "peak_train_mb": 2668.0,
               "train_fraction_of_peak": 0.923, "eval_fraction_of_peak": 0.737,
@@ -105,6 +110,26 @@ def test_ranks_json(tiny_corpus, tmp_path):
     assert [r["ranks"] for r in result["results"]] == [1, 2]
     assert all(r["tokens_per_s"] > 0 for r in result["results"])
     assert result["results"][0]["speedup"] == 1.0
+
+
+def test_ranks_copies_a_data_directory_or_one_text_file(tmp_path):
+    ranks = load_script("ranks")
+    text = f"{' '.join(['w'] * 999)}\n" * 60  # 60 lines of 1,000 tokens
+
+    def line_counts(folder: Path) -> list[int]:
+        return [len((folder / f"{s}.txt").read_text().splitlines())
+                for s in ("train", "valid", "test")]
+
+    book = tmp_path / "book.txt"
+    book.write_text(text)
+    # One file's parts, 54 training lines then 3 and 3, each too short to be cut.
+    assert line_counts(ranks.small_eval_copy(book, tmp_path / "from-file")) == [54, 3, 3]
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    for split in ("train", "valid", "test"):
+        (folder / f"{split}.txt").write_text(text)
+    # Held-out splits end with the line that reaches 20,000 tokens.
+    assert line_counts(ranks.small_eval_copy(folder, tmp_path / "from-dir")) == [60, 20, 20]
 
 
 def test_budget_json(tiny_corpus, tmp_path):

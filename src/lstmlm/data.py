@@ -155,6 +155,14 @@ def split_file(path: Path) -> dict[str, list[str]]:
     return {"train": lines[:valid], "valid": lines[valid:-held_out], "test": lines[-held_out:]}
 
 
+def read_splits(data: Path) -> dict[str, list[str]]:
+    """The lines of the three splits of `--data`: a data directory's files, or one text file
+    cut by `split_file`."""
+    if Path(data).is_file():
+        return split_file(data)
+    return {split: text_lines(path) for split, path in find_split_files(data).items()}
+
+
 def read_split(data: Path, split: str) -> tuple[str, list[str]]:
     """(where the split's text comes from, for messages; its lines) for `--data`: a data
     directory's file for the split, or the split's part of one text file (`split_file`)."""
@@ -280,11 +288,7 @@ def _data_digest(data: Path, min_count: int, max_vocab: int) -> str:
 
 def tokenize(data: Path, min_count: int = 1, max_vocab: int = 0) -> Corpus:
     """Read and encode the three splits of a data directory or of one text file (no cache)."""
-    data = Path(data)
-    if data.is_file():
-        lines = split_file(data)
-    else:
-        lines = {split: text_lines(path) for split, path in find_split_files(data).items()}
+    lines = read_splits(data)
     vocab = Vocab.from_lines((line.split() for line in lines["train"]), min_count, max_vocab)
     encoded = {split: vocab.encode(line.split() for line in lines[split]) for split in SPLITS}
     return Corpus(vocab, *(encoded[s][0] for s in SPLITS),
