@@ -5,8 +5,8 @@ The conventions are those of the classic WikiText-2 / Penn Treebank setup (pytor
 one `<eos>` token, empty lines included. The vocabulary comes from the training split; words
 of valid/test that training never saw become `<unk>`, and so do training words seen fewer than
 `min_count` times (1 by default, as in the reference code: every training word is kept) and,
-with `max_vocab`, all but the most frequent words. A
-corpus is a directory of three split files, or one text file cut by lines (`split_file`).
+with `max_vocab`, all but the most frequent words. A corpus is a directory of three split
+files, or one text file cut by lines (`split_file`).
 """
 
 from __future__ import annotations
