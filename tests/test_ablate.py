@@ -143,7 +143,8 @@ def test_interrupted_plan_resumes_where_it_stopped(plan, tiny_corpus, tmp_path, 
     # Rerun with other settings or another budget: refused before anything trains, so the
     # finished runs are neither retrained nor compared with runs of other settings.
     for extra, changed in ((["--set", "dropout_output=0.5"], "dropout_output"),
-                           (["--max-steps", "16"], "max_steps")):
+                           (["--max-steps", "16"], "max_steps"),
+                           (["--set", "stop_patience=3"], "stop_patience")):
         code, _, stderr = ablate(capsys, plan, tiny_corpus, out, *extra)
         assert code == 1 and stderr.count("\n") == 1
         assert f"holds a run with other settings ({changed})" in stderr

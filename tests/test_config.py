@@ -63,6 +63,7 @@ def test_missing_equals():
     ({"hidden_size": 2**70}, r"hidden_size must be below 2\*\*31, got 1180591620717411303424"),
     ({"num_layers": 2**31}, r"num_layers must be below 2\*\*31"),
     ({"lr": 0.0}, "lr must be > 0"),
+    ({"stop_patience": -1}, "stop_patience must be >= 0, got -1"),
     ({"optimizer": "rmsprop"}, "optimizer must be"),
     ({"hidden_size": "400"}, "hidden_size must be int"),
     ({"lr": True}, "lr must be float"),

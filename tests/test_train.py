@@ -330,6 +330,32 @@ def test_resume_looks_for_the_checkpoint_only_once_it_holds_the_run(corpus, tmp_
     assert results["steps"] == 6 and [m["step"] for m in metrics(run)] == [2, 4, 6]
 
 
+def test_stop_patience_counts_validations_since_the_best(corpus, tmp_path, monkeypatch):
+    from lstmlm.train import Trainer
+
+    losses = iter([3.0, 2.0, 2.5, 1.9, 2.0, 2.1, 5.0, 1.0])
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, model, data: (next(losses), 10))
+    results = run_training(tiny(corpus, epochs=100, eval_interval=1, stop_patience=3),
+                           out=tmp_path / "run", quiet=True)
+    # 2.5 and 2.0, 2.1, 5.0 do not beat the best: the third in a row (step 7) stops the run.
+    assert results["stop_reason"] == "no_improvement" and results["steps"] == 7
+    assert [m["best"] for m in metrics(tmp_path / "run")] == [True, True, False, True, False,
+                                                               False, False]
+    assert results["best_valid_loss"] == 1.9 and results["test_loss"] == 1.0
+
+
+def test_stop_patience_survives_a_resume_and_may_be_raised(corpus, tmp_path):
+    # An lr far below the weights' rounding: every validation equals the first, none is a new
+    # best, so the run stops at the second one after it.
+    cfg = tiny(corpus, epochs=100, eval_interval=1, lr=1e-30, stop_patience=2)
+    results = run_training(cfg, out=tmp_path / "run", quiet=True)
+    assert results["stop_reason"] == "no_improvement" and results["steps"] == 3
+    # The count is part of the saved state: two more checks, not four, reach the new patience.
+    results = run_training(resume=tmp_path / "run", overrides={"stop_patience": 4}, quiet=True)
+    assert results["stop_reason"] == "no_improvement" and results["steps"] == 5
+    assert [m["best"] for m in metrics(tmp_path / "run")] == [True] + [False] * 4
+
+
 def test_two_new_runs_in_one_folder_are_refused(corpus, tmp_path):
     with ckpt.locked(tmp_path / "new"):  # created, locked, not yet holding a config
         with pytest.raises(ckpt.RunDirError, match="in use"):

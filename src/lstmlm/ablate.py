@@ -134,13 +134,15 @@ def run_config(run: PlanRun, overrides: dict) -> Config:
 
 
 def check_run_dir(run_dir: Path, cfg: Config) -> None:
-    """Refuse a directory that holds a run with other settings than `cfg`, another budget or
-    --data included: it would be compared with the others as if it were the plan's run."""
+    """Refuse a directory that holds a run with other settings than `cfg`, another budget,
+    stop_patience or --data included: it would be compared with the others as if it were the
+    plan's run."""
     if not (run_dir / ckpt.CONFIG).is_file():
         return
     saved, _ = ckpt.read_run_config(run_dir)
     changed = sorted(k for k, v in cfg.to_dict().items() if getattr(saved, k) != v
-                     and (k in BUDGET or k == "data" or k not in RESUMABLE_OVERRIDES))
+                     and (k in BUDGET + ("stop_patience", "data")
+                          or k not in RESUMABLE_OVERRIDES))
     if changed:
         saved_nothing = not any((run_dir / f).is_file() for f in (ckpt.STATE, ckpt.WEIGHTS))
         advice = (f"it saved nothing yet: remove {run_dir} to start it with these settings"

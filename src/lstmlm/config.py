@@ -100,6 +100,8 @@ class Config:
     epochs: int = _f(40, "passes over the training split")
     max_steps: int = _f(0, "stop after this many optimizer steps (0: no limit)")
     max_minutes: float = _f(0.0, "stop after this many minutes of training (0: no limit)")
+    stop_patience: int = _f(0, "stop after this many validations in a row without a new "
+                               "best validation loss (0: never)")
     eval_interval: int = _f(0, "validate every N steps (0: once per epoch)")
     eval_minutes: float = _f(0.0, "also validate every N minutes of training time (0: off)")
     checkpoint_minutes: float = _f(10.0, "also save a resumable checkpoint every N minutes "
@@ -184,7 +186,7 @@ class Config:
         for name in ("momentum", "weight_decay", "clip", "max_steps", "max_minutes",
                      "eval_interval", "eval_minutes", "checkpoint_minutes", "checkpoint_steps",
                      "lr_patience", "min_lr", "last_hidden_size", "bptt_max_extra", "ar_alpha",
-                     "tar_beta", "max_nan_retries"):
+                     "tar_beta", "max_nan_retries", "stop_patience"):
             need(getattr(self, name) >= 0, f"{name} must be >= 0, got {getattr(self, name)}")
         need(self.max_vocab == 0 or self.max_vocab >= 3, "max_vocab must be 0 (no limit) or at "
              f"least 3 (<eos>, <unk> and a word), got {self.max_vocab}")

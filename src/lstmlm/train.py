@@ -1,7 +1,7 @@
 """The training loop: SGD/Adam over BPTT windows, validation, checkpoints, budgets and resume.
 
-A run stops when its epochs are done, when `max_steps` or `max_minutes` is reached, or on
-SIGINT/SIGTERM. Whatever stops it (except a signal, which only saves and exits), it validates
+A run stops when its epochs are done, when `max_steps` or `max_minutes` is reached, after
+`stop_patience` validations in a row without a new best, or on SIGINT/SIGTERM. Whatever stops it (except a signal, which only saves and exits), it validates
 once more, keeps the best weights, and reports their test perplexity in `results.json`.
 Resuming restores weights, optimizer, RNG, hidden state and data position, so the losses that
 follow are those of an uninterrupted run with the same seed.
@@ -42,9 +42,9 @@ from .optim import WeightAverage, clip_grad_norm, make_optimizer, nonmono_trigge
 
 # Fields a resumed run may change: its budget, where it runs, and where its data now is (the
 # vocabulary and the number of training tokens must match). Anything else makes another run.
-RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "eval_interval", "eval_minutes",
-                       "checkpoint_minutes", "checkpoint_steps", "max_nan_retries", "device",
-                       "precision", "data")
+RESUMABLE_OVERRIDES = ("epochs", "max_steps", "max_minutes", "stop_patience", "eval_interval",
+                       "eval_minutes", "checkpoint_minutes", "checkpoint_steps", "max_nan_retries",
+                       "device", "precision", "data")
 
 
 class DivergedError(LstmlmError):
@@ -67,6 +67,7 @@ class TrainState:
     best_valid_loss: float = math.inf  # selects the weights kept in model.safetensors
     plateau_best: float = math.inf  # best of the scheduled validations (for lr decay)
     bad_checks: int = 0  # scheduled validations since plateau_best improved
+    checks_since_best: int = 0  # scheduled validations since best_valid_loss improved
     validated_step: int = -1  # step of the last validation
     validated_seconds: float = 0.0  # training time at the last scheduled validation
     window_loss: float = 0.0  # sum of training losses since the last scheduled validation
@@ -318,6 +319,7 @@ class Trainer:
         if not math.isfinite(valid_loss):
             raise _NonFinite(f"the validation loss became {valid_loss}")
         if schedule:
+            st.checks_since_best = 0 if improved else st.checks_since_best + 1
             self.schedule(valid_loss)
         st.validated_step = st.step
         lr = self.scheduled_lr()
@@ -413,6 +415,8 @@ class Trainer:
             return "interrupted"
         if st.converged:
             return "converged"
+        if cfg.stop_patience and st.checks_since_best >= cfg.stop_patience:
+            return "no_improvement"
         if st.epoch >= cfg.epochs:
             return "epochs"
         if cfg.max_steps and st.step >= cfg.max_steps:
