@@ -1,5 +1,6 @@
 """Helpers shared by the test modules."""
 
+import io
 from pathlib import Path
 
 from lstmlm.cli import main
@@ -32,3 +33,10 @@ def make_corpus(directory: Path, **splits) -> Path:
 def snapshot(directory: Path) -> dict[str, bytes]:
     """Every file's bytes, to check that a failed command changed nothing."""
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir()) if p.is_file()}
+
+
+class Terminal(io.StringIO):
+    """A stderr that says it is a terminal, where progress bars are drawn."""
+
+    def isatty(self):
+        return True

@@ -18,7 +18,7 @@ import lstmlm
 from lstmlm.ablate import load_plan
 from lstmlm.cli import build_parser, config_overrides, main
 from lstmlm.config import load_preset
-from tests.helpers import make_corpus, run, snapshot
+from tests.helpers import Terminal, make_corpus, run, snapshot
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -323,6 +323,24 @@ def test_evaluate_json(capsys, tiny_run, tiny_corpus):
     # The same best weights on the same split: what training reported.
     results = json.loads((tiny_run / "results.json").read_text())
     assert result["loss"] == pytest.approx(results["test_loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("options, label", [
+    ([], "test:"), (["--split", "valid"], "valid:"), (["--cache"], "test, cache:"),
+    (["--cache-search"], "valid, cache search:"),
+    (["--dynamic", "--dynamic-batches", "2"], "test, dynamic:"),
+])
+def test_evaluate_shows_its_progress_on_a_terminal(capsys, monkeypatch, tiny_run, options,
+                                                   label):
+    code, out, err = run(capsys, "evaluate", tiny_run, "--json", *options)
+    assert code == 0 and err == ""  # no bar where stderr is not a terminal
+    quiet = json.loads(out)
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code, out, _ = run(capsys, "evaluate", tiny_run, "--json", *options)
+    assert code == 0 and label in terminal.getvalue()
+    shown = json.loads(out)
+    assert quiet.pop("seconds") >= 0 and shown.pop("seconds") >= 0 and shown == quiet
 
 
 def test_evaluate_other_split_and_batch_size(capsys, tiny_run, tiny_corpus):

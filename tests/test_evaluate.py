@@ -1,15 +1,21 @@
 """Perplexity of a split: the mean cross-entropy of the model's logits, state carried over."""
 
+import functools
+import io
 import math
+import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
+import lstmlm.evaluate
 from lstmlm.config import Config
 from lstmlm.data import batchify
-from lstmlm.evaluate import evaluate, perplexity
+from lstmlm.evaluate import evaluate, perplexity, window_starts
 from lstmlm.model import LSTMLM
+from tests.helpers import Terminal
 
 
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
@@ -46,3 +52,16 @@ def test_perplexity_saturates():
     assert perplexity(0.0) == 1.0
     assert perplexity(math.log(50)) == pytest.approx(50)
     assert perplexity(1e6) == math.inf
+
+
+def test_a_progress_bar_only_with_a_label_and_on_a_terminal(monkeypatch):
+    # Every update drawn, not a few a second, so that the last count shows.
+    monkeypatch.setattr(lstmlm.evaluate, "tqdm", functools.partial(tqdm, mininterval=0,
+                                                                     miniters=1))
+    data = torch.zeros(23, 2, dtype=torch.long)  # 22 rows of 2 streams to predict
+    for label, stderr, drawn in (("test", Terminal(), True), ("", Terminal(), False),
+                                 ("test", io.StringIO(), False)):
+        monkeypatch.setattr(sys, "stderr", stderr)
+        assert list(window_starts(data, 5, label)) == [0, 5, 10, 15, 20]
+        assert ("test:" in stderr.getvalue()) == drawn
+        assert ("40.0/44.0" in stderr.getvalue() and "44.0/44.0" in stderr.getvalue()) == drawn

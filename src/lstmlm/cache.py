@@ -22,6 +22,7 @@ import torch
 
 from .data import get_batch
 from .errors import LstmlmError
+from .evaluate import window_starts
 from .model import LSTMLM
 
 # Grave et al.'s / AWD-LSTM's values for WikiText-2.
@@ -44,10 +45,11 @@ def check_cache(window: int, theta: float, lambd: float) -> None:
 
 @torch.no_grad()
 def model_and_cache_log_probs(model: LSTMLM, data: torch.Tensor, bptt: int, window: int,
-                              thetas) -> tuple[torch.Tensor, torch.Tensor]:
+                              thetas, progress: str = "") -> tuple[torch.Tensor, torch.Tensor]:
     """log p_model and log p_cache (one row per theta) of every target of `data` (time, batch),
     flattened time-major as `evaluate` counts them. One pass over the data serves any number of
-    thetas and lambdas. Where a stream has no history yet, log p_cache is log p_model."""
+    thetas and lambdas. Where a stream has no history yet, log p_cache is log p_model. With a
+    `progress` label, a progress bar is shown (evaluate.window_starts)."""
     model.eval()
     if data.dim() == 1:
         data = data.unsqueeze(1)
@@ -55,7 +57,7 @@ def model_and_cache_log_probs(model: LSTMLM, data: torch.Tensor, bptt: int, wind
     hidden = model.init_hidden(data.size(1))
     past_h = past_y = None  # the last `window` outputs (M, batch, size) and next words (M, batch)
     model_lp, cache_lp = [], []
-    for i in range(0, data.size(0) - 1, bptt):
+    for i in window_starts(data, bptt, progress):
         inputs, targets = get_batch(data, i, bptt)
         targets = targets.view_as(inputs)  # (T, batch)
         _, h, hidden = model.features(inputs, hidden)
@@ -90,22 +92,22 @@ def mixture_loss(model_lp: torch.Tensor, cache_lp: torch.Tensor, lambd: float) -
 
 def cache_evaluate(model: LSTMLM, data: torch.Tensor, bptt: int, window: int = DEFAULT_WINDOW,
                    theta: float = DEFAULT_THETA,
-                   lambd: float = DEFAULT_LAMBDA) -> tuple[float, int]:
+                   lambd: float = DEFAULT_LAMBDA, progress: str = "") -> tuple[float, int]:
     """Mean loss per token and tokens scored with the cache, on `data` (time, batch) or a 1-D
     token stream (batch 1, the reference setting). The hidden state is carried across windows,
     and the result does not depend on `bptt`."""
     check_cache(window, theta, lambd)
-    model_lp, cache_lp = model_and_cache_log_probs(model, data, bptt, window, [theta])
+    model_lp, cache_lp = model_and_cache_log_probs(model, data, bptt, window, [theta], progress)
     return mixture_loss(model_lp, cache_lp[0], lambd), model_lp.numel()
 
 
 def cache_search(model: LSTMLM, data: torch.Tensor, bptt: int, window: int = DEFAULT_WINDOW,
-                 thetas=SEARCH_THETAS, lambdas=SEARCH_LAMBDAS) -> list[dict]:
+                 thetas=SEARCH_THETAS, lambdas=SEARCH_LAMBDAS, progress: str = "") -> list[dict]:
     """Loss of every (theta, lambda) of the grid on `data`, best first; one pass over the data."""
     for theta in thetas:
         for lambd in lambdas:
             check_cache(window, theta, lambd)
-    model_lp, cache_lp = model_and_cache_log_probs(model, data, bptt, window, thetas)
+    model_lp, cache_lp = model_and_cache_log_probs(model, data, bptt, window, thetas, progress)
     grid = [{"theta": theta, "lambda": lambd, "loss": mixture_loss(model_lp, cache_lp[k], lambd)}
             for k, theta in enumerate(thetas) for lambd in lambdas]
     return sorted(grid, key=lambda r: r["loss"])

@@ -170,7 +170,7 @@ def cmd_evaluate(args) -> None:
             valid_source, valid = ((source, ids) if args.split == "valid"
                                    else encoded("valid")[:2])
             grid = cache_search(model, batchify(valid, batch_size, valid_source, "--batch-size"),
-                                cfg.bptt, args.cache_window)
+                                cfg.bptt, args.cache_window, progress="valid, cache search")
             args.cache_theta, args.cache_lambda = grid[0]["theta"], grid[0]["lambda"]
             result["cache_search"] = [{**r, "ppl": perplexity(r["loss"])} for r in grid]
             if not args.json:
@@ -178,7 +178,7 @@ def cmd_evaluate(args) -> None:
                       f"{args.cache_lambda} (valid perplexity {perplexity(grid[0]['loss']):.2f}, "
                       f"{len(grid)} pairs tried)")
         loss, tokens = cache_evaluate(model, data, cfg.bptt, args.cache_window, args.cache_theta,
-                                      args.cache_lambda)
+                                      args.cache_lambda, progress=f"{args.split}, cache")
         result["cache"] = {"window": args.cache_window, "theta": args.cache_theta,
                            "lambda": args.cache_lambda}
         method = (f", cache window {args.cache_window} theta {args.cache_theta} "
@@ -186,12 +186,13 @@ def cmd_evaluate(args) -> None:
     elif args.dynamic:
         train = encoded("train")[1]
         loss, tokens = dynamic_evaluate(model, data, train, args.dynamic_bptt, args.dynamic_lr,
-                                        args.dynamic_decay, args.dynamic_batches)
+                                        args.dynamic_decay, args.dynamic_batches,
+                                        progress=f"{args.split}, dynamic")
         result["dynamic"] = {"lr": args.dynamic_lr, "decay": args.dynamic_decay,
                              "bptt": args.dynamic_bptt, "stat_batches": args.dynamic_batches}
         method = f", dynamic lr {args.dynamic_lr} decay {args.dynamic_decay}"
     else:
-        loss, tokens = evaluate(model, data, cfg.bptt)
+        loss, tokens = evaluate(model, data, cfg.bptt, progress=args.split)
         method = ""
     seconds = time.perf_counter() - start
     # As in the reference code: each stream's first token is read but not predicted, and the

@@ -22,6 +22,7 @@ import torch
 
 from .data import batchify, get_batch
 from .errors import LstmlmError
+from .evaluate import window_starts
 from .model import LSTMLM, detach
 
 # The paper's AWD-LSTM hyperparameters (mean squared statistics), segments of 5 tokens.
@@ -80,10 +81,11 @@ def gradient_rms(model: LSTMLM, train: torch.Tensor, bptt: int,
 def dynamic_evaluate(model: LSTMLM, data: torch.Tensor, train: torch.Tensor,
                      bptt: int = DEFAULT_BPTT, lr: float = DEFAULT_LR,
                      decay: float = DEFAULT_DECAY, stat_batches: int = DEFAULT_STAT_BATCHES,
-                     epsilon: float = DEFAULT_EPSILON) -> tuple[float, int]:
+                     epsilon: float = DEFAULT_EPSILON, progress: str = "") -> tuple[float, int]:
     """Mean loss per token and tokens scored on `data` (time, batch; batch 1 is the paper's
     setting, a larger batch shares one adapting copy between the streams), with the gradient
-    statistics from `train` (a 1-D token stream). `model` is left as it was."""
+    statistics from `train` (a 1-D token stream). `model` is left as it was. With a
+    `progress` label, a progress bar is shown (evaluate.window_starts)."""
     check_dynamic(lr, decay, bptt, stat_batches, epsilon)
     if data.dim() == 1:
         data = data.unsqueeze(1)
@@ -101,7 +103,7 @@ def dynamic_evaluate(model: LSTMLM, data: torch.Tensor, train: torch.Tensor,
         trained = [p.detach().clone() for p in params]
         hidden = model.init_hidden(data.size(1))
         total, tokens = 0.0, 0
-        for i in range(0, data.size(0) - 1, bptt):
+        for i in window_starts(data, bptt, progress):
             inputs, targets = get_batch(data, i, bptt)
             loss, _, hidden = model.loss(inputs, targets, detach(hidden))
             total += loss.item() * targets.numel()  # scored before the step that learns from it

@@ -1,8 +1,9 @@
 """The training loop: SGD/Adam over BPTT windows, validation, checkpoints, budgets and resume.
 
 A run stops when its epochs are done, when `max_steps` or `max_minutes` is reached, after
-`stop_patience` validations in a row without a new best, or on SIGINT/SIGTERM. Whatever stops it (except a signal, which only saves and exits), it validates
-once more, keeps the best weights, and reports their test perplexity in `results.json`.
+`stop_patience` validations in a row without a new best, or on SIGINT/SIGTERM. Whatever stops
+it (except a signal, which only saves and exits), it validates once more, keeps the best
+weights, and reports their test perplexity in `results.json`.
 Resuming restores weights, optimizer, RNG, hidden state and data position, so the losses that
 follow are those of an uninterrupted run with the same seed.
 
