@@ -20,7 +20,7 @@ from lstmlm import checkpoint as ckpt
 from lstmlm.config import Config, ConfigError
 from lstmlm.errors import LstmlmError
 from lstmlm.train import run_finetune, run_training
-from tests.helpers import snapshot
+from tests.helpers import Terminal, snapshot
 
 SENTENCES = ["the cat sat on the mat", "a dog ran to the red house",
              "we like green tea", "it is a big day for the cat"]
@@ -334,7 +334,7 @@ def test_stop_patience_counts_validations_since_the_best(corpus, tmp_path, monke
     from lstmlm.train import Trainer
 
     losses = iter([3.0, 2.0, 2.5, 1.9, 2.0, 2.1, 5.0, 1.0])
-    monkeypatch.setattr(Trainer, "evaluate", lambda self, model, data: (next(losses), 10))
+    monkeypatch.setattr(Trainer, "evaluate", lambda self, model, data, split: (next(losses), 10))
     results = run_training(tiny(corpus, epochs=100, eval_interval=1, stop_patience=3),
                            out=tmp_path / "run", quiet=True)
     # 2.5 and 2.0, 2.1, 5.0 do not beat the best: the third in a row (step 7) stops the run.
@@ -354,6 +354,16 @@ def test_stop_patience_survives_a_resume_and_may_be_raised(corpus, tmp_path):
     results = run_training(resume=tmp_path / "run", overrides={"stop_patience": 4}, quiet=True)
     assert results["stop_reason"] == "no_improvement" and results["steps"] == 5
     assert [m["best"] for m in metrics(tmp_path / "run")] == [True] + [False] * 4
+
+
+@pytest.mark.parametrize("quiet", [False, True])
+def test_validation_and_test_show_their_progress_unless_quiet(corpus, tmp_path, monkeypatch,
+                                                              quiet):
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    run_training(tiny(corpus, max_steps=2), out=tmp_path / "run", quiet=quiet)
+    shown = terminal.getvalue()
+    assert ("epoch 1:" in shown, "valid:" in shown, "test:" in shown) == (not quiet,) * 3
 
 
 def test_two_new_runs_in_one_folder_are_refused(corpus, tmp_path):

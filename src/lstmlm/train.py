@@ -311,7 +311,7 @@ class Trainer:
         on a plateau (the extra validation at a stop does not, so resumed runs match)."""
         st = self.state
         with self.best_weights():
-            valid_loss, _ = self.evaluate(self.model, self.valid_data)
+            valid_loss, _ = self.evaluate(self.model, self.valid_data, "valid")
             improved = math.isfinite(valid_loss) and valid_loss < st.best_valid_loss
             if improved:
                 st.best_valid_loss = valid_loss
@@ -339,13 +339,16 @@ class Trainer:
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(self.cfg.precision)
         return torch.autocast(self.device.type, dtype=dtype, enabled=dtype is not None)
 
-    def evaluate(self, model: LSTMLM, data: torch.Tensor) -> tuple[float, int]:
-        """Mean loss and tokens on a split; under DDP each rank scores its streams and the
-        sums are reduced, which gives the single-process numbers."""
+    def evaluate(self, model: LSTMLM, data: torch.Tensor, split: str) -> tuple[float, int]:
+        """Mean loss and tokens on a split, with a progress bar unless quiet; under DDP each
+        rank scores its streams and the sums are reduced, which gives the single-process
+        numbers."""
+        progress = "" if self.quiet else split
         with self.autocast():
             if not self.group.active:
-                return evaluate(model, data, self.cfg.bptt)
-            loss, tokens = evaluate(model, data, self.cfg.bptt) if data.size(1) else (0.0, 0)
+                return evaluate(model, data, self.cfg.bptt, progress)
+            loss, tokens = (evaluate(model, data, self.cfg.bptt, progress) if data.size(1)
+                            else (0.0, 0))
         total, tokens = distributed.reduce([loss * tokens, tokens], self.group, device=self.device)
         return total / tokens, int(tokens)
 
@@ -569,7 +572,7 @@ class Trainer:
         """Test the best weights and write results.json."""
         st = self.state
         distributed.barrier(self.group)  # rank 0's last write of the best weights is done
-        test_loss, test_tokens = self.evaluate(self.load_best(), self.test_data)
+        test_loss, test_tokens = self.evaluate(self.load_best(), self.test_data, "test")
         results = {
             "stop_reason": reason, "epochs": self.epochs_done(),
             "steps": st.step, "train_minutes": round(st.seconds / 60, 2),
@@ -748,7 +751,8 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     trainer.start_averaging()
     with _claimed(trainer, out, lambda: ckpt.create_run_dir(out, cfg, corpus.vocab)):
         # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
-        trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data)
+        trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data,
+                                                            "valid")
         trainer.model.train()
         trainer.save_best_weights()
         trainer.log(f"{run_dir}: valid ppl {perplexity(trainer.state.best_valid_loss):.2f} to beat")
