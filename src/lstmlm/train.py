@@ -329,9 +329,9 @@ class Trainer:
                   "train_ppl": perplexity(train_loss), "valid_loss": valid_loss,
                   "valid_ppl": perplexity(valid_loss), "lr": lr, "best": improved}
         self._write(lambda: _append_line(self.run_dir / ckpt.METRICS, json.dumps(record)))
-        self.log(f"step {st.step} | epoch {st.epoch + 1} | valid loss {valid_loss:.4f} | "
-                 f"valid ppl {perplexity(valid_loss):.2f}{' (best)' if improved else ''} | "
-                 f"lr {lr:.3g}")
+        self.log(f"step {st.step} | epochs {self.epochs_done():.2f} | valid loss "
+                 f"{valid_loss:.4f} | valid ppl {perplexity(valid_loss):.2f}"
+                 f"{' (best)' if improved else ''} | lr {lr:.3g}")
         return valid_loss
 
     def autocast(self):
