@@ -337,7 +337,8 @@ def test_stop_patience_counts_validations_since_the_best(corpus, tmp_path, monke
     monkeypatch.setattr(Trainer, "evaluate", lambda self, model, data, split: (next(losses), 10))
     results = run_training(tiny(corpus, epochs=100, eval_interval=1, stop_patience=3),
                            out=tmp_path / "run", quiet=True)
-    # 2.5 and 2.0, 2.1, 5.0 do not beat the best: the third in a row (step 7) stops the run.
+    # 2.5 does not beat 2.0, nor do 2.0, 2.1 and 5.0 beat 1.9: the third of those in a row
+    # (step 7) stops the run.
     assert results["stop_reason"] == "no_improvement" and results["steps"] == 7
     assert [m["best"] for m in metrics(tmp_path / "run")] == [True, True, False, True, False,
                                                                False, False]
