@@ -18,13 +18,13 @@ def window_starts(data: torch.Tensor, bptt: int, progress: str = "") -> Iterator
     """The first row of each `bptt` window of `data` (time, batch). With a `progress` label,
     a bar of the tokens read so far is shown while stderr is a terminal: evaluation at batch
     1, with the cache or dynamic evaluation takes minutes."""
-    starts = range(0, data.size(0) - 1, bptt)
-    with tqdm(total=(data.size(0) - 1) * data.size(1), desc=progress, unit="tok",
-              unit_scale=True, dynamic_ncols=True, leave=False, file=sys.stderr,
+    rows = data.size(0) - 1  # the last row is only a target
+    with tqdm(total=rows * data.size(1), desc=progress, unit="tok", unit_scale=True,
+              dynamic_ncols=True, leave=False, file=sys.stderr,
               disable=None if progress else True) as bar:
-        for i in starts:
+        for i in range(0, rows, bptt):
             yield i
-            bar.update(min(bptt, data.size(0) - 1 - i) * data.size(1))
+            bar.update(min(bptt, rows - i) * data.size(1))
 
 
 @torch.no_grad()

@@ -344,11 +344,11 @@ class Trainer:
         rank scores its streams and the sums are reduced, which gives the single-process
         numbers."""
         progress = "" if self.quiet else split
-        with self.autocast():
-            if not self.group.active:
-                return evaluate(model, data, self.cfg.bptt, progress)
+        with self.autocast():  # under DDP a rank may hold none of a small split's streams
             loss, tokens = (evaluate(model, data, self.cfg.bptt, progress) if data.size(1)
                             else (0.0, 0))
+        if not self.group.active:
+            return loss, tokens
         total, tokens = distributed.reduce([loss * tokens, tokens], self.group, device=self.device)
         return total / tokens, int(tokens)
 
