@@ -185,6 +185,22 @@ def test_resume_refuses_a_missing_run(capsys, tmp_path):
     assert not (tmp_path / "nope").exists()
 
 
+def test_init_from_takes_the_runs_settings_unless_a_preset_is_given(capsys, tiny_run, tmp_path):
+    data = make_corpus(tmp_path / "mine", train="the cat sat on a rug\n" * 20)
+    code, out, err = run(capsys, "train", "--init-from", tiny_run, "--data", data,
+                         "--max-steps", "2")
+    assert code == 0, err
+    assert "weights from" in err and "keep their rows (7 of 8)" in err
+    base = json.loads((tiny_run / "config.json").read_text())["config"]
+    new = json.loads((tmp_path / "runs" / "run-mine" / "config.json").read_text())["config"]
+    assert {k for k in base if base[k] != new[k]} == {"data", "init_from", "max_steps"}
+    assert new["init_from"] == str(tiny_run.resolve())
+    line = user_error(capsys, "train", "--init-from", tiny_run, "--data", data, "--preset",
+                      "lstm-baseline", "--out", tmp_path / "other")
+    assert "the model's shape must be that run's (embedding_size 16 there, 380 here" in line
+    assert not (tmp_path / "other").exists()
+
+
 # ---- damaged or missing run directories -------------------------------------------------------
 
 def commands(run_dir):

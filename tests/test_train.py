@@ -698,8 +698,84 @@ def test_finetune_that_crashed_before_its_first_check_resumes_from_the_base(corp
     assert resumed["steps"] == straight["steps"]
     # Without its step-0 checkpoint the starting weights are gone: refuse, do not start anew.
     (tmp_path / "crashed" / ckpt.STATE).unlink()
-    with pytest.raises(ckpt.RunDirError, match="run `lstmlm finetune` on the base run again"):
+    with pytest.raises(ckpt.RunDirError, match="no checkpoint.*`lstmlm finetune` on the base run"):
         run_training(resume=tmp_path / "crashed", quiet=True)
+
+
+@pytest.fixture
+def other_corpus(tmp_path):
+    """Text that shares most of `corpus`'s words and adds some (bird, flew, over)."""
+    d = tmp_path / "other"
+    d.mkdir()
+    lines = SENTENCES[:2] + ["the bird flew over the red house"]
+    for split, repeats in (("train", 30), ("valid", 3), ("test", 3)):
+        (d / f"{split}.txt").write_text("".join(f"{s}\n" for s in lines * repeats))
+    return d
+
+
+def test_init_from_starts_on_other_data_from_a_runs_weights(corpus, other_corpus, tmp_path):
+    base = tmp_path / "base"
+    run_training(tiny(corpus, epochs=8, lr=0.02, optimizer="adam"), out=base, quiet=True)
+    before = snapshot(base)
+    new = tiny(other_corpus, lr=0.02, optimizer="adam", max_steps=2, eval_interval=2)
+    scratch = run_training(new, out=tmp_path / "scratch", quiet=True)
+    started = run_training(new, out=tmp_path / "new", overrides={"init_from": str(base)},
+                           quiet=True)
+    assert snapshot(base) == before
+    cfg, _ = ckpt.read_run_config(tmp_path / "new")
+    assert cfg.init_from == str(base.resolve()) and cfg.data == str(other_corpus)
+    # Two steps from the trained weights know most of the words' order; two from scratch do not.
+    assert started["best_valid_loss"] < scratch["best_valid_loss"] / 2
+    # With a learning rate that only does harm, the run keeps (and tests) its starting
+    # weights: they were validated first and count as the best so far.
+    harmed = run_training(new, out=tmp_path / "harmed", quiet=True,
+                          overrides={"init_from": str(base), "lr": 50.0, "optimizer": "sgd"})
+    assert all(not m["best"] for m in metrics(tmp_path / "harmed"))
+    kept, _ = ckpt.read_tensors(tmp_path / "harmed" / ckpt.WEIGHTS)
+    trained, _ = ckpt.read_tensors(base / ckpt.WEIGHTS)
+    assert torch.equal(kept["layers.0.weight_hh_l0"], trained["layers.0.weight_hh_l0"])
+    assert harmed["best_valid_loss"] < started["best_valid_loss"] * 3
+
+
+def test_init_from_resumes_from_its_starting_weights(corpus, other_corpus, tmp_path,
+                                                    monkeypatch):
+    from lstmlm.train import Trainer
+
+    base = tmp_path / "base"
+    run_training(tiny(corpus, max_steps=10), out=base, quiet=True)
+    new = tiny(other_corpus, init_from=str(base), max_steps=6, eval_interval=3)
+    straight = run_training(new, out=tmp_path / "straight", quiet=True)
+
+    def crash(self, bar):
+        raise OSError("the machine went down")
+
+    with monkeypatch.context() as m:
+        m.setattr(Trainer, "advance", crash)
+        with pytest.raises(OSError):
+            run_training(new, out=tmp_path / "crashed", quiet=True)
+    resumed = run_training(resume=tmp_path / "crashed", quiet=True)
+    assert resumed["test_loss"] == pytest.approx(straight["test_loss"], rel=1e-6)
+    (tmp_path / "crashed" / ckpt.STATE).unlink()
+    with pytest.raises(ckpt.RunDirError, match="no checkpoint.*run the same command again"):
+        run_training(resume=tmp_path / "crashed", quiet=True)
+
+
+def test_init_from_refuses_another_shape_a_missing_run_and_finetune(corpus, other_corpus,
+                                                                     tmp_path):
+    base = tmp_path / "base"
+    run_training(tiny(corpus, max_steps=2), out=base, quiet=True)
+    with pytest.raises(ConfigError, match=r"shape must be that run's \(embedding_size 24 "
+                                          r"there, 16 here, hidden_size 32 there, 16 here, "
+                                          r"last_hidden_size 32 there, 16 here, tie_weights "
+                                          r"False there, True here\); leave out --preset"):
+        run_training(tiny(other_corpus, init_from=str(base), hidden_size=16, embedding_size=16,
+                          tie_weights=True), out=tmp_path / "new", quiet=True)
+    with pytest.raises(ckpt.RunDirError, match="nope: no such run directory"):
+        run_training(tiny(other_corpus, init_from=str(tmp_path / "nope")), out=tmp_path / "new",
+                     quiet=True)
+    assert not (tmp_path / "new").exists()
+    with pytest.raises(ConfigError, match="lstmlm finetune starts from .*; drop --init-from"):
+        run_finetune(base, overrides={"init_from": str(base)}, quiet=True)
 
 
 def decoder_bias_after_each_step(monkeypatch) -> list[torch.Tensor]:

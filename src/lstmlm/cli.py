@@ -24,7 +24,7 @@ from .allocator import keep_freed_memory
 from .api import load
 from .cache import (DEFAULT_LAMBDA, DEFAULT_THETA, DEFAULT_WINDOW, cache_evaluate, cache_search,
                     check_cache)
-from .checkpoint import RUN_FILES, load_run
+from .checkpoint import RUN_FILES, load_run, read_run_config
 from .config import FIELDS, list_presets, load_preset, parse_assignment, parse_value
 from .data import batchify, read_split, read_text, split_lines
 from .datasets import resolve_data
@@ -83,6 +83,14 @@ def cmd_train(args) -> None:
         if args.preset is not None or args.out is not None:
             raise LstmlmError("--resume continues a run as it was; drop --preset and --out")
         results = run_training(resume=Path(args.resume), overrides=overrides)
+    elif args.preset is None and overrides.get("init_from"):
+        # The run's own settings, so that its shape fits; flags change the rest.
+        base = Path(overrides["init_from"])
+        cfg = read_run_config(base)[0]
+        cfg.finetune = False
+        data = Path(overrides.get("data", cfg.data)).stem
+        out = Path(args.out) if args.out is not None else Path("runs") / f"{base.name}-{data}"
+        results = run_training(cfg, out=out, overrides=overrides)
     else:
         preset = args.preset if args.preset is not None else "lstm-baseline"
         cfg = load_preset(preset)
@@ -326,8 +334,10 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("train", help="train a model into a run directory")
     p.add_argument("--preset", type=given,
-                   help="preset name (see `lstmlm presets`) or a .toml file; default lstm-baseline")
-    p.add_argument("--out", type=given, help="run directory to create (default runs/PRESET)")
+                   help="preset name (see `lstmlm presets`) or a .toml file; default "
+                        "lstm-baseline, or with --init-from RUN that run's settings")
+    p.add_argument("--out", type=given, help="run directory to create (default runs/PRESET, "
+                                             "with --init-from runs/RUN-DATA)")
     p.add_argument("--resume", type=given, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     add_config_flags(p)
     p.set_defaults(func=cmd_train)

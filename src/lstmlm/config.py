@@ -93,6 +93,9 @@ class Config:
                          "before the last N (non-monotone interval)")
     finetune: bool = _f(False, "set by `lstmlm finetune`: averaged SGD from the start, stop "
                               "when it stops improving")
+    init_from: str = _f("", "a trained run directory whose best weights start this run; the "
+                            "words its vocabulary shares with this data's keep their rows, new "
+                            "words start from the mean row (the shape settings must be its)")
     average_from: float = _f(0.0, "average the weights from this fraction of the run on (0: "
                              "never; 0.8: over its last fifth): validation, the saved model and "
                              "the test use the average")

@@ -40,6 +40,7 @@ from .evaluate import evaluate, perplexity
 from .fileio import atomic_write
 from .model import LSTMLM, Hidden, count_parameters, detach, pick_device
 from .optim import WeightAverage, clip_grad_norm, make_optimizer, nonmono_triggered
+from .transfer import transfer_weights
 
 # Fields a resumed run may change: its budget, where it runs, and where its data now is (the
 # vocabulary and the number of training tokens must match). Anything else makes another run.
@@ -683,9 +684,16 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
         if cfg.finetune:  # it needs a trained run's weights to start from
             raise ConfigError("finetune is set by `lstmlm finetune RUN`, which starts from RUN's "
                               "weights; to average from the start use ntasgd or average_from")
+        if cfg.init_from:  # its shape first: loading the data can take minutes
+            cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
+            _check_shape_of(Path(cfg.init_from), cfg)
         corpus = load_corpus(resolve_data(cfg.data), cfg.min_count, cfg.max_vocab)
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
+        if cfg.init_from:
+            _init_from(trainer, corpus, Path(cfg.init_from))
         with _claimed(trainer, out, lambda: ckpt.create_run_dir(out, cfg, corpus.vocab)):
+            if cfg.init_from:
+                _start_from_weights(trainer, cfg.init_from)
             return _train(trainer, corpus)
     run_dir = Path(resume)
     cfg, vocab_size = ckpt.read_run_config(run_dir)
@@ -702,10 +710,11 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
     with _claimed(trainer, run_dir):
         # Only now: a process that held the run until a moment ago may have just saved.
         has_state = (run_dir / ckpt.STATE).is_file()
-        if cfg.finetune and not has_state:
+        if (cfg.finetune or cfg.init_from) and not has_state:
+            again = "`lstmlm finetune` on the base run" if cfg.finetune else "the same command"
             raise ckpt.RunDirError(
-                f"{run_dir} is a fine-tuning run without a checkpoint, so its starting weights "
-                f"are lost; remove it and run `lstmlm finetune` on the base run again")
+                f"{run_dir} has no checkpoint, so the weights it started from are not in it; "
+                f"remove it and run {again} again")
         if has_state:
             trainer.load_state()
         else:  # stopped before its first checkpoint: nothing was lost but the time
@@ -729,6 +738,8 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     overrides = _recorded(overrides)
     if "finetune" in overrides:
         raise ConfigError("lstmlm finetune always fine-tunes; drop --finetune")
+    if "init_from" in overrides:
+        raise ConfigError(f"lstmlm finetune starts from {run_dir}'s weights; drop --init-from")
     if cfg.optimizer != "sgd" and "optimizer" not in overrides:
         raise ConfigError(
             f"{run_dir} was trained with {cfg.optimizer}, and fine-tuning averages SGD steps: "
@@ -736,8 +747,7 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     # The shape first: a changed one would fail the config's checks with less to the point.
     wanted = dataclasses.replace(cfg)
     wanted.update(overrides, validate=False)
-    base = cfg.shape()
-    reshaped = [k for k, v in wanted.shape().items() if v != base[k] and k in overrides]
+    reshaped = [k for k in _reshaped(wanted, cfg) if k in overrides]
     if reshaped:
         raise ConfigError(f"fine-tuning starts from {run_dir}'s weights, so the model's shape "
                           f"cannot change: drop {', '.join(reshaped)}")
@@ -750,11 +760,43 @@ def run_finetune(run_dir: Path, out: Path | None = None, overrides: dict | None 
     ckpt.load_weights(trainer.model, ckpt.read_tensors(path)[0], path)
     trainer.start_averaging()
     with _claimed(trainer, out, lambda: ckpt.create_run_dir(out, cfg, corpus.vocab)):
-        # The base model is the best so far: a fine-tuning that never beats it keeps its weights.
-        trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data,
-                                                            "valid")
-        trainer.model.train()
-        trainer.save_best_weights()
-        trainer.log(f"{run_dir}: valid ppl {perplexity(trainer.state.best_valid_loss):.2f} to beat")
-        trainer.save_state()  # step 0: a resume starts from the base weights, not from a new model
+        _start_from_weights(trainer, run_dir)
         return _train(trainer, corpus)
+
+
+def _reshaped(cfg: Config, base: Config) -> dict[str, tuple]:
+    """The shape settings in which `cfg` differs from `base` (weights of one do not fit the
+    other), each with its value in `base` and in `cfg`."""
+    base_shape = base.shape()
+    return {k: (base_shape[k], v) for k, v in cfg.shape().items() if v != base_shape[k]}
+
+
+def _check_shape_of(base: Path, cfg: Config) -> None:
+    """Refuse to start from the run in `base` a model whose weights would not fit."""
+    reshaped = _reshaped(cfg, ckpt.read_run_config(base)[0])
+    if reshaped:
+        changes = ", ".join(f"{k} {there!r} there, {here!r} here"
+                            for k, (there, here) in reshaped.items())
+        raise ConfigError(f"--init-from {base}: the model's shape must be that run's ({changes}); "
+                          "leave out --preset to take the run's settings")
+
+
+def _init_from(trainer: Trainer, corpus: Corpus, base: Path) -> None:
+    """Set the new model's weights from the run in `base`, mapped to this corpus's vocabulary
+    (transfer.py)."""
+    _, base_vocab, base_model = ckpt.load_run(base)
+    kept, fresh = transfer_weights(trainer.model, ckpt.model_tensors(base_model), base_vocab,
+                                   corpus.vocab)
+    trainer.log(f"weights from {base}: the words it knows keep their rows ({kept:,} of "
+                f"{len(corpus.vocab):,}), new words start from the mean row"
+                + (f"; {', '.join(fresh)} start afresh" if fresh else ""))
+
+
+def _start_from_weights(trainer: Trainer, source) -> None:
+    """The loaded weights are the best so far (a run that never beats them keeps them), and
+    the checkpoint of step 0, so that a resume starts from them and not from a new model."""
+    trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data, "valid")
+    trainer.model.train()
+    trainer.save_best_weights()
+    trainer.log(f"{source}: valid ppl {perplexity(trainer.state.best_valid_loss):.2f} to beat")
+    trainer.save_state()

@@ -1,0 +1,74 @@
+"""Starting a run from another run's weights (`--init-from RUN`), on data with its own
+vocabulary, as ULMFiT (Howard & Ruder 2018) adapts a model trained on a large corpus to a
+small one.
+
+The LSTM layers carry over as they are. The word-indexed weights (the embedding, the
+decoder's rows and biases) are rebuilt for the new vocabulary: a word that both vocabularies
+hold keeps its trained row, and a new word starts from the mean of the trained rows, a better
+guess than a random row, which training on the new data then corrects.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import checkpoint as ckpt
+from .data import Vocab
+from .model import LSTMLM
+from .softmax import AdaptiveSoftmax
+
+# Rows indexed by word id, whatever the decoder (an adaptive softmax's tail matrices are
+# handled cluster by cluster below).
+WORD_ROWS = ("embedding.weight", "decoder.weight", "decoder.bias")
+
+
+def word_rows(trained: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Row i is `trained[ids[i]]`, or the mean row where `ids[i]` is -1 (a new word)."""
+    rows = trained.mean(0).expand(len(ids), *trained.shape[1:]).clone()
+    known = ids >= 0
+    rows[known] = trained[ids[known]]
+    return rows
+
+
+def cluster_ids(ids: torch.Tensor, new_bounds: list[int], old_bounds: list[int],
+                k: int) -> torch.Tensor:
+    """For the words of the new model's cluster k: their rows in the trained model's cluster k
+    matrix, -1 for a word that was not in that cluster (its row there means nothing: each
+    cluster has its own projection)."""
+    old = ids[new_bounds[k]:new_bounds[k + 1]] - old_bounds[k]
+    inside = (ids[new_bounds[k]:new_bounds[k + 1]] >= 0) & (old >= 0)
+    inside &= old < old_bounds[k + 1] - old_bounds[k]
+    return torch.where(inside, old, -1)
+
+
+def transfer_weights(model: LSTMLM, tensors: dict[str, torch.Tensor], trained_vocab: Vocab,
+                     vocab: Vocab) -> tuple[int, list[str]]:
+    """Set `model` (built for `vocab`) from the weights of a trained model of the same shape
+    settings, built for `trained_vocab`. Returns how many words kept their trained rows, and
+    the parameters that keep (some of) their fresh initial values: an adaptive softmax's tail
+    clusters that only the new, larger vocabulary reaches (a cutoff at or past a vocabulary's
+    size makes no cluster)."""
+    ids = torch.tensor([trained_vocab.index.get(w, -1) for w in vocab.words], dtype=torch.long)
+    decoder = model.decoder
+    if isinstance(decoder, AdaptiveSoftmax):
+        cutoffs = [c for c in model.cfg.cutoffs if c < len(trained_vocab)]
+        old_bounds = [0, *cutoffs, len(trained_vocab)]
+    fresh = []
+    with torch.no_grad():
+        for name, param in ckpt.model_tensors(model).items():
+            trained = tensors.get(name)
+            if trained is None:  # a tail cluster the trained model did not have
+                fresh.append(name)
+                continue
+            if name in WORD_ROWS:
+                trained = word_rows(trained, ids)
+            elif name.startswith("decoder.words."):
+                k = int(name.rsplit(".", 1)[1])
+                trained = word_rows(trained, cluster_ids(ids, decoder.bounds, old_bounds, k))
+            elif name in ("decoder.clusters", "decoder.cluster_bias"):  # a row per tail cluster
+                shared = min(len(trained), len(param))
+                if shared < len(param):
+                    fresh.append(name)
+                trained = torch.cat([trained[:shared], param[shared:].cpu()])
+            param.copy_(trained)
+    return int((ids >= 0).sum()), fresh
