@@ -281,6 +281,26 @@ def test_a_run_that_saved_nothing_says_how_to_start_it_anew(plan, tiny_corpus, t
     assert code == 1 and f"it saved nothing yet: remove {out / 'wide'} to start it" in stderr
 
 
+def test_a_run_may_start_from_another_runs_weights(tmp_path, tiny_run, tiny_corpus, capsys,
+                                                   monkeypatch):
+    """A relative `init_from` names the same run when the plan is rerun or resumed."""
+    monkeypatch.chdir(tmp_path)
+    write_toml(tmp_path / "tiny.toml", TINY)
+    plan = tmp_path / "plan.toml"
+    plan.write_text('[[run]]\npreset = "tiny.toml"\nname = "scratch"\n'
+                    '[[run]]\npreset = "tiny.toml"\nname = "started"\n'
+                    f'set = {{init_from = "{os.path.relpath(tiny_run)}"}}\n')
+    out = tmp_path / "out"
+    code, _, stderr = ablate(capsys, plan, tiny_corpus, out)
+    assert code == 0, stderr
+    rows = {row["name"]: row for row in read_csv(out / "results.csv")}
+    assert float(rows["started"]["test_ppl"]) < float(rows["scratch"]["test_ppl"])
+    (out / "started" / ckpt.RESULTS).unlink()  # as if stopped before its end: it resumes
+    code, _, stderr = ablate(capsys, plan, tiny_corpus, out)
+    assert code == 0, stderr
+    assert ckpt.read_run_config(out / "started")[0].init_from == str(tiny_run.resolve())
+
+
 def test_shipped_plans():
     runs, reference = load_plan("seed")
     assert reference == "lstm-baseline"

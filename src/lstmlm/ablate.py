@@ -129,7 +129,8 @@ def run_config(run: PlanRun, overrides: dict) -> Config:
         cfg.update({**run.overrides, **overrides}, source=f"run {run.name}")
     except ConfigError as e:
         raise ConfigError(f"run {run.name}: {e}") from None
-    cfg.data = recorded_data(cfg.data)  # as the run directory records it
+    cfg.data = recorded_data(cfg.data)  # as the run directory records them
+    cfg.init_from = ckpt.recorded_run(cfg.init_from)
     return cfg
 
 

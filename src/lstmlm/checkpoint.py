@@ -118,6 +118,12 @@ def write_config(run_dir: Path, cfg: Config, vocab_size: int) -> None:
                                         "vocab_size": vocab_size, "config": cfg.to_dict()})
 
 
+def recorded_run(spec: str) -> str:
+    """A run directory as a config records it (`init_from`): an absolute path, so that it
+    names the same run from any folder."""
+    return str(Path(spec).expanduser().resolve()) if spec else spec
+
+
 def read_run_config(run_dir: Path) -> tuple[Config, int]:
     """The Config and vocabulary size of a run directory, with clear errors for bad ones."""
     run_dir = Path(run_dir)

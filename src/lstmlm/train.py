@@ -642,10 +642,13 @@ def _train(trainer: Trainer, corpus: Corpus) -> dict:
 
 
 def _recorded(overrides: dict | None) -> dict:
-    """Overrides with a `data` directory made absolute, as config.json records it."""
+    """Overrides with a `data` directory and `init_from` made absolute, as config.json records
+    them."""
     overrides = dict(overrides or {})
     if "data" in overrides:
         overrides["data"] = recorded_data(overrides["data"])
+    if "init_from" in overrides:
+        overrides["init_from"] = ckpt.recorded_run(overrides["init_from"])
     return overrides
 
 
@@ -685,7 +688,7 @@ def run_training(cfg: Config | None = None, out: Path | None = None, resume: Pat
             raise ConfigError("finetune is set by `lstmlm finetune RUN`, which starts from RUN's "
                               "weights; to average from the start use ntasgd or average_from")
         if cfg.init_from:  # its shape first: loading the data can take minutes
-            cfg.init_from = str(Path(cfg.init_from).expanduser().resolve())
+            cfg.init_from = ckpt.recorded_run(cfg.init_from)
             _check_shape_of(Path(cfg.init_from), cfg)
         corpus = load_corpus(resolve_data(cfg.data), cfg.min_count, cfg.max_vocab)
         trainer = Trainer(cfg, corpus, Path(out), quiet=quiet)
