@@ -35,10 +35,9 @@ def cluster_ids(ids: torch.Tensor, new_bounds: list[int], old_bounds: list[int],
     """For the words of the new model's cluster k: their rows in the trained model's cluster k
     matrix, -1 for a word that was not in that cluster (its row there means nothing: each
     cluster has its own projection)."""
-    old = ids[new_bounds[k]:new_bounds[k + 1]] - old_bounds[k]
-    inside = (ids[new_bounds[k]:new_bounds[k + 1]] >= 0) & (old >= 0)
-    inside &= old < old_bounds[k + 1] - old_bounds[k]
-    return torch.where(inside, old, -1)
+    old = ids[new_bounds[k]:new_bounds[k + 1]]
+    inside = (old >= old_bounds[k]) & (old < old_bounds[k + 1])
+    return torch.where(inside, old - old_bounds[k], -1)
 
 
 def transfer_weights(model: LSTMLM, tensors: dict[str, torch.Tensor], trained_vocab: Vocab,
