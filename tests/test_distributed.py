@@ -59,6 +59,20 @@ def test_two_ranks_follow_one_process(tiny_corpus, tmp_path):
     assert double["train_tokens"] == single["train_tokens"]
 
 
+def test_two_ranks_start_from_a_trained_run_as_one_process_does(tiny_corpus, tmp_path):
+    cfg = dict(NO_STREAM_DROPOUT, data=str(tiny_corpus), max_steps=6)
+    run_training(Config(**cfg), out=tmp_path / "base", quiet=True)
+    single = run_training(Config(**cfg, init_from=str(tmp_path / "base")), out=tmp_path / "one",
+                          quiet=True)
+    proc = torchrun("train", "--out", tmp_path / "two", "--init-from", tmp_path / "base",
+                    *flags(cfg))
+    double = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [m["valid_loss"] for m in metrics(tmp_path / "two")] == pytest.approx(
+        [m["valid_loss"] for m in metrics(tmp_path / "one")], rel=1e-5)
+    for key in ("test_loss", "best_valid_loss"):
+        assert double[key] == pytest.approx(single[key], rel=1e-5)
+
+
 def test_awd_training_checkpoints_once_and_resumes_exactly(tiny_corpus, tmp_path):
     cfg = flags(dict(AWD, data=str(tiny_corpus)))
     torchrun("train", "--out", tmp_path / "whole", "--max-steps", 20, *cfg)
