@@ -795,7 +795,7 @@ def _init_from(trainer: Trainer, corpus: Corpus, base: Path) -> None:
                 + (f"; {', '.join(fresh)} start afresh" if fresh else ""))
 
 
-def _start_from_weights(trainer: Trainer, source) -> None:
+def _start_from_weights(trainer: Trainer, source: Path | str) -> None:
     """The loaded weights are the best so far (a run that never beats them keeps them), and
     the checkpoint of step 0, so that a resume starts from them and not from a new model."""
     trainer.state.best_valid_loss, _ = trainer.evaluate(trainer.model, trainer.valid_data, "valid")
