@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import run
+from tests.helpers import Terminal, run
 from lstmlm.config import Config
 from lstmlm.data import EOS
 from lstmlm.errors import LstmlmError
@@ -178,6 +178,29 @@ def test_score_json(capsys, lm, tiny_run, text_file):
     assert result["total"]["logprob"] == pytest.approx(sum(r["logprob"] for r in lm.score(LINES)))
     code, out, _ = run(capsys, "score", tiny_run, text_file, "--json", "--continue-state")
     assert same_scores(json.loads(out)["lines"], lm.score(LINES, continue_state=True))
+
+
+def test_score_shows_its_progress_only_when_asked_and_on_a_terminal(capsys, monkeypatch, lm,
+                                                                     tiny_run, text_file):
+    import functools
+
+    import lstmlm.evaluate
+    from tqdm import tqdm
+
+    # Every update drawn, not a few a second, so that the last count shows.
+    monkeypatch.setattr(lstmlm.evaluate, "tqdm", functools.partial(tqdm, mininterval=0,
+                                                                     miniters=1))
+    quiet = json.loads(run(capsys, "score", tiny_run, text_file, "--json")[1])
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    code, out, _ = run(capsys, "score", tiny_run, text_file, "--json")
+    assert code == 0 and json.loads(out) == quiet
+    assert "score:" in terminal.getvalue() and "20.0/20.0" in terminal.getvalue()
+    before = terminal.getvalue()
+    assert same_scores(lm.score(LINES), quiet["lines"])  # the API draws none unless asked
+    assert terminal.getvalue() == before
+    assert same_scores(lm.score(LINES, progress="lines"), quiet["lines"])
+    assert "lines:" in terminal.getvalue()
 
 
 def test_score_text_and_per_token(capsys, tiny_run, text_file):

@@ -12,7 +12,7 @@ from .allocator import keep_freed_memory
 from .checkpoint import load_run
 from .data import EOS, split_lines
 from .errors import LstmlmError
-from .evaluate import perplexity
+from .evaluate import perplexity, progress_bar
 from .generate import check_sampling, detokenize, encode_prompt, sample
 
 
@@ -66,13 +66,14 @@ class LanguageModel:
         return answers[0] if isinstance(prompt, str) else answers
 
     def score(self, texts: list[str], continue_state: bool = False,
-              per_token: bool = False) -> list[dict]:
+              per_token: bool = False, progress: str = "") -> list[dict]:
         """Log-probability (natural log) of each text, every line of it ending with `<eos>`.
 
         Each result is {"text", "logprob", "tokens" (words + <eos>), "ppl"}, plus "per_token"
         ([{"token", "logprob"}, ...]) when asked. Unknown words are scored as `<unk>`. Each
         text starts from a fresh state that has just read `<eos>`, as if it began a new line of
         the corpus; with `continue_state`, from the state the previous text left (one document).
+        With a `progress` label, a bar of the tokens scored is shown while stderr is a terminal.
         """
         if isinstance(texts, str):
             raise LstmlmError("score takes a list of texts; for one text pass [text]")
@@ -83,11 +84,11 @@ class LanguageModel:
             texts = list(texts)
         except TypeError:
             raise LstmlmError(f"score takes a list of texts, got {type(texts).__name__}") from None
-        return self._score(texts, continue_state, per_token)
+        return self._score(texts, continue_state, per_token, progress)
 
     @torch.no_grad()
     def _score(self, texts: list[str], continue_state: bool = False,
-               per_token: bool = False) -> list[dict]:
+               per_token: bool = False, progress: str = "") -> list[dict]:
         # The warning points at the caller of score or perplexity: stacklevel 4, as this
         # method's no_grad wrapper is a frame of its own.
         word_lists = [[w for line in split_lines(text_argument(text, "a text"))
@@ -100,19 +101,21 @@ class LanguageModel:
         fresh_features, _, fresh_hidden = model.features(eos, model.init_hidden(1))
         features, hidden = fresh_features[-1], fresh_hidden
         results = []
-        for text, words in zip(texts, word_lists):
-            ids = torch.tensor([self.vocab.index.get(w, self.vocab.unk_id) for w in words],
-                               device=eos.device)
-            log_probs, next_features, next_hidden = self._read(ids, features, hidden)
-            if continue_state:
-                features, hidden = next_features, next_hidden
-            logprob = log_probs.double().sum().item()
-            result = {"text": text, "logprob": logprob, "tokens": len(words),
-                      "ppl": perplexity(-logprob / len(words))}
-            if per_token:
-                result["per_token"] = [{"token": w, "logprob": lp}
-                                       for w, lp in zip(words, log_probs.tolist())]
-            results.append(result)
+        with progress_bar(sum(map(len, word_lists)), progress) as bar:
+            for text, words in zip(texts, word_lists):
+                ids = torch.tensor([self.vocab.index.get(w, self.vocab.unk_id) for w in words],
+                                   device=eos.device)
+                log_probs, next_features, next_hidden = self._read(ids, features, hidden)
+                if continue_state:
+                    features, hidden = next_features, next_hidden
+                logprob = log_probs.double().sum().item()
+                result = {"text": text, "logprob": logprob, "tokens": len(words),
+                          "ppl": perplexity(-logprob / len(words))}
+                if per_token:
+                    result["per_token"] = [{"token": w, "logprob": lp}
+                                           for w, lp in zip(words, log_probs.tolist())]
+                results.append(result)
+                bar.update(len(words))
         return results
 
     def _read(self, ids: torch.Tensor, features: torch.Tensor, hidden, chunk: int = 1024):

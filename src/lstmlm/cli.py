@@ -233,7 +233,8 @@ def read_input(source: str) -> str:
 def cmd_score(args) -> None:
     lm = load(args.run_dir, args.device)
     lines = split_lines(read_input(args.file))
-    results = lm.score(lines, continue_state=args.continue_state, per_token=args.per_token)
+    results = lm.score(lines, continue_state=args.continue_state, per_token=args.per_token,
+                       progress="score")
     logprob = sum(r["logprob"] for r in results)
     tokens = sum(r["tokens"] for r in results)
     total = {"logprob": logprob, "tokens": tokens, "ppl": perplexity(-logprob / tokens)}

@@ -14,14 +14,19 @@ from .fused import CHUNK_ROWS
 from .model import LSTMLM
 
 
+def progress_bar(tokens: int, label: str) -> tqdm:
+    """A bar of the tokens read so far, on stderr, drawn only with a label and only while
+    stderr is a terminal (never into logs or pipes)."""
+    return tqdm(total=tokens, desc=label, unit="tok", unit_scale=True, dynamic_ncols=True,
+                leave=False, file=sys.stderr, disable=None if label else True)
+
+
 def window_starts(data: torch.Tensor, bptt: int, progress: str = "") -> Iterator[int]:
     """The first row of each `bptt` window of `data` (time, batch). With a `progress` label,
     a bar of the tokens read so far is shown while stderr is a terminal: evaluation at batch
     1, with the cache or dynamic evaluation takes minutes."""
     rows = data.size(0) - 1  # the last row is only a target
-    with tqdm(total=rows * data.size(1), desc=progress, unit="tok", unit_scale=True,
-              dynamic_ncols=True, leave=False, file=sys.stderr,
-              disable=None if progress else True) as bar:
+    with progress_bar(rows * data.size(1), progress) as bar:
         for i in range(0, rows, bptt):
             yield i
             bar.update(min(bptt, rows - i) * data.size(1))
