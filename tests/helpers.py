@@ -1,7 +1,12 @@
 """Helpers shared by the test modules."""
 
+import functools
 import io
 from pathlib import Path
+
+from tqdm import tqdm
+
+import lstmlm.evaluate
 
 from lstmlm.cli import main
 
@@ -40,3 +45,10 @@ class Terminal(io.StringIO):
 
     def isatty(self):
         return True
+
+
+def draw_every_update(monkeypatch) -> None:
+    """Progress bars (lstmlm.evaluate.progress_bar) draw every update, not a few a second, so
+    that their last count shows."""
+    monkeypatch.setattr(lstmlm.evaluate, "tqdm", functools.partial(tqdm, mininterval=0,
+                                                                     miniters=1))

@@ -1,6 +1,5 @@
 """Perplexity of a split: the mean cross-entropy of the model's logits, state carried over."""
 
-import functools
 import io
 import math
 import sys
@@ -8,14 +7,12 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from tqdm import tqdm
 
-import lstmlm.evaluate
 from lstmlm.config import Config
 from lstmlm.data import batchify
 from lstmlm.evaluate import evaluate, perplexity, window_starts
 from lstmlm.model import LSTMLM
-from tests.helpers import Terminal
+from tests.helpers import Terminal, draw_every_update
 
 
 @pytest.mark.parametrize("softmax", ["full", "adaptive"])
@@ -55,9 +52,7 @@ def test_perplexity_saturates():
 
 
 def test_a_progress_bar_only_with_a_label_and_on_a_terminal(monkeypatch):
-    # Every update drawn, not a few a second, so that the last count shows.
-    monkeypatch.setattr(lstmlm.evaluate, "tqdm", functools.partial(tqdm, mininterval=0,
-                                                                     miniters=1))
+    draw_every_update(monkeypatch)
     data = torch.zeros(23, 2, dtype=torch.long)  # 22 rows of 2 streams to predict
     for label, stderr, drawn in (("test", Terminal(), True), ("", Terminal(), False),
                                  ("test", io.StringIO(), False)):

@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import Terminal, run
+from tests.helpers import Terminal, draw_every_update, run
 from lstmlm.config import Config
 from lstmlm.data import EOS
 from lstmlm.errors import LstmlmError
@@ -182,14 +182,7 @@ def test_score_json(capsys, lm, tiny_run, text_file):
 
 def test_score_shows_its_progress_only_when_asked_and_on_a_terminal(capsys, monkeypatch, lm,
                                                                      tiny_run, text_file):
-    import functools
-
-    import lstmlm.evaluate
-    from tqdm import tqdm
-
-    # Every update drawn, not a few a second, so that the last count shows.
-    monkeypatch.setattr(lstmlm.evaluate, "tqdm", functools.partial(tqdm, mininterval=0,
-                                                                     miniters=1))
+    draw_every_update(monkeypatch)
     quiet = json.loads(run(capsys, "score", tiny_run, text_file, "--json")[1])
     terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)

@@ -4,7 +4,6 @@ over, what new words start from, and that a model moved to the same words comput
 import pytest
 import torch
 
-from lstmlm import checkpoint as ckpt
 from lstmlm.config import Config
 from lstmlm.data import Vocab
 from lstmlm.model import LSTMLM
@@ -25,7 +24,7 @@ def vocab(*words: str) -> Vocab:
 
 def moved(trained: LSTMLM, trained_vocab: Vocab, new_vocab: Vocab, **kw):
     new = model(new_vocab, seed=99, **kw)
-    kept, fresh = transfer_weights(new, ckpt.model_tensors(trained), trained_vocab, new_vocab)
+    kept, fresh = transfer_weights(new, new_vocab, trained, trained_vocab)
     return new, kept, fresh
 
 

@@ -788,8 +788,7 @@ def _init_from(trainer: Trainer, corpus: Corpus, base: Path) -> None:
     """Set the new model's weights from the run in `base`, mapped to this corpus's vocabulary
     (transfer.py)."""
     _, base_vocab, base_model = ckpt.load_run(base)
-    kept, fresh = transfer_weights(trainer.model, ckpt.model_tensors(base_model), base_vocab,
-                                   corpus.vocab)
+    kept, fresh = transfer_weights(trainer.model, corpus.vocab, base_model, base_vocab)
     trainer.log(f"weights from {base}: the words it knows keep their rows ({kept:,} of "
                 f"{len(corpus.vocab):,}), new words start from the mean row"
                 + (f"; {', '.join(fresh)} start afresh" if fresh else ""))

@@ -16,7 +16,6 @@ import torch
 from . import checkpoint as ckpt
 from .data import Vocab
 from .model import LSTMLM
-from .softmax import AdaptiveSoftmax
 
 # Rows indexed by word id, whatever the decoder (an adaptive softmax's tail matrices are
 # handled cluster by cluster below).
@@ -41,34 +40,32 @@ def cluster_ids(ids: torch.Tensor, new_bounds: list[int], old_bounds: list[int],
     return torch.where(inside, old - old_bounds[k], -1)
 
 
-def transfer_weights(model: LSTMLM, tensors: dict[str, torch.Tensor], trained_vocab: Vocab,
-                     vocab: Vocab) -> tuple[int, list[str]]:
-    """Set `model` (built for `vocab`) from the weights of a trained model of the same shape
-    settings, built for `trained_vocab`. Returns how many words kept their trained rows, and
-    the parameters that keep (some of) their fresh initial values: an adaptive softmax's tail
-    clusters that only the new, larger vocabulary reaches (a cutoff at or past a vocabulary's
-    size makes no cluster)."""
+def transfer_weights(model: LSTMLM, vocab: Vocab, trained: LSTMLM,
+                     trained_vocab: Vocab) -> tuple[int, list[str]]:
+    """Set `model` (built for `vocab`) from `trained`, a model of the same shape settings built
+    for `trained_vocab`. Returns how many words kept their trained rows, and the parameters
+    that keep (some of) their fresh initial values: an adaptive softmax's tail clusters that
+    only the new, larger vocabulary reaches (a cutoff at or past a vocabulary's size makes no
+    cluster)."""
     ids = torch.tensor([trained_vocab.index.get(w, -1) for w in vocab.words], dtype=torch.long)
-    decoder = model.decoder
-    if isinstance(decoder, AdaptiveSoftmax):
-        cutoffs = [c for c in model.cfg.cutoffs if c < len(trained_vocab)]
-        old_bounds = [0, *cutoffs, len(trained_vocab)]
+    tensors = ckpt.model_tensors(trained)
     fresh = []
     with torch.no_grad():
         for name, param in ckpt.model_tensors(model).items():
-            trained = tensors.get(name)
-            if trained is None:  # a tail cluster the trained model did not have
+            weight = tensors.get(name)
+            if weight is None:  # a tail cluster the trained model did not have
                 fresh.append(name)
                 continue
             if name in WORD_ROWS:
-                trained = word_rows(trained, ids)
+                weight = word_rows(weight, ids)
             elif name.startswith("decoder.words."):
                 k = int(name.rsplit(".", 1)[1])
-                trained = word_rows(trained, cluster_ids(ids, decoder.bounds, old_bounds, k))
+                weight = word_rows(weight, cluster_ids(ids, model.decoder.bounds,
+                                                       trained.decoder.bounds, k))
             elif name in ("decoder.clusters", "decoder.cluster_bias"):  # a row per tail cluster
-                shared = min(len(trained), len(param))
+                shared = min(len(weight), len(param))
                 if shared < len(param):
                     fresh.append(name)
-                trained = torch.cat([trained[:shared], param[shared:].cpu()])
-            param.copy_(trained)
+                weight = torch.cat([weight[:shared], param[shared:].to(weight.device)])
+            param.copy_(weight)
     return int((ids >= 0).sum()), fresh
