@@ -5,7 +5,7 @@ Run it from the repository root, with lstmlm installed (`pip install -e .`):
 
     LSTMLM_DATA=../shared/data python benchmarks/throughput.py      # the three presets, a table
     python benchmarks/throughput.py --quick                          # smoke test, a few steps
-    python benchmarks/throughput.py --preset awd-lstm-cpu --json     # one JSON object
+    python benchmarks/throughput.py --preset awd-lstm-cpu --json     # a JSON object per preset
     python benchmarks/throughput.py --preset awd-lstm --weight-drop-cost
     python benchmarks/throughput.py --preset wt2-cpu-hour --against ../before/src
     python benchmarks/throughput.py --preset lstm-baseline --threads 1 --set batch_size=64
@@ -334,13 +334,13 @@ def windows_for(budget_gflop: float, gflop_per_window: float) -> int:
     return max(1, round(budget_gflop / gflop_per_window))
 
 
-def eval_windows_for(cfg: Config, batch_size: int, flops: int) -> int:
-    """BPTT windows per evaluation measure: about EVAL_WINDOW_GFLOP of work, rounded up to
-    whole groups of the windows that `evaluate` scores together (up to a chunk of the fused
-    loss), as it does throughout a real split."""
+def eval_windows_for(cfg: Config, batch_size: int, flops: int, windows: int | None) -> int:
+    """BPTT windows per evaluation measure: `windows`, or about EVAL_WINDOW_GFLOP of work,
+    rounded up to whole groups of the windows that `evaluate` scores together (up to a chunk
+    of the fused loss), as it does throughout a real split."""
     rows = batch_size * cfg.bptt
     per_group = max(1, CHUNK_ROWS // rows)
-    windows = windows_for(EVAL_WINDOW_GFLOP, flops * rows / 1e9)
+    windows = windows or windows_for(EVAL_WINDOW_GFLOP, flops * rows / 1e9)
     return -(-windows // per_group) * per_group
 
 
@@ -364,7 +364,8 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
         steps = args.steps or (1 if args.quick else windows_for(TRAIN_WINDOW_GFLOP, step_gflop))
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else steps)
         batch_sizes = (cfg.valid_batch_size, 1)
-        eval_windows = {bs: 1 if args.quick else eval_windows_for(cfg, bs, flops)
+        eval_windows = {bs: 1 if args.quick and not args.eval_windows
+                        else eval_windows_for(cfg, bs, flops, args.eval_windows)
                         for bs in batch_sizes}
         log(f"{name}: {flops:,} forward FLOP/token, {steps} step(s) per window, "
             f"{warmup} warm-up step(s), {args.windows} window(s)")
@@ -501,6 +502,8 @@ def parse_args(argv=None):
                    help="timed windows per measure (default 5, 1 with --quick)")
     p.add_argument("--steps", type=int, help="training steps per window (default: by FLOP budget)")
     p.add_argument("--warmup", type=int, help="untimed training steps first (default: one window)")
+    p.add_argument("--eval-windows", type=int,
+                   help="BPTT windows per evaluation measure (default: by FLOP budget)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads in every process")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda", "auto"))
     p.add_argument("--gemm-size", type=int, help="side of the GEMM peak's matrices (default 4096, "
@@ -510,7 +513,8 @@ def parse_args(argv=None):
     p.add_argument("--against", type=Path, metavar="SRC",
                    help="also time the training step with lstmlm imported from SRC (another "
                         "checkout's src/), interleaved, and give the ratio")
-    p.add_argument("--json", action="store_true", help="print one JSON object (needs one preset)")
+    p.add_argument("--json", action="store_true", help="print one JSON object per preset, "
+                                                       "one per line")
     p.add_argument("--quick", action="store_true",
                    help="smoke test: 1 warm-up step, then 1 window of 1 step and 1 evaluation "
                         "window per measure (GEMM 2048)")
@@ -520,12 +524,11 @@ def parse_args(argv=None):
         return args
     args.presets = [name.strip() for item in args.preset or PRESETS
                     for name in item.split(",") if name.strip()]
-    if args.json and len(args.presets) != 1:
-        p.error("--json prints one JSON object: give exactly one --preset")
-    if any(n is not None and n < 1 for n in (args.windows, args.steps, args.threads,
-                                              args.gemm_size)) or (args.warmup or 0) < 0:
-        p.error("--windows, --steps, --threads and --gemm-size must be positive, --warmup at "
-                "least 0")
+    if any(n is not None and n < 1 for n in (args.windows, args.steps, args.eval_windows,
+                                              args.threads, args.gemm_size)) \
+            or (args.warmup or 0) < 0:
+        p.error("--windows, --steps, --eval-windows, --threads and --gemm-size must be "
+                "positive, --warmup at least 0")
     if args.against:
         if not (args.against / "lstmlm" / "__init__.py").is_file():
             p.error(f"--against {args.against}: no lstmlm package there; give the src/ "
@@ -551,7 +554,8 @@ def main(argv=None) -> None:
     load_corpus(data_dir)  # tokenize once here, so the workers read the cache
     results = [bench_preset(name, args, data_dir, overrides) for name in args.presets]
     if args.json:
-        print(json.dumps(results[0]))
+        for result in results:
+            print(json.dumps(result))
     else:
         print_table(results)
 

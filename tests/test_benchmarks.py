@@ -10,19 +10,23 @@ from pathlib import Path
 import pytest
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
-TINY = ["embedding_size=16", "hidden_size=16", "batch_size=4", "bptt=8", "valid_batch_size=2"]
+TINY = ["embedding_size=16", "hidden_size=16", "last_hidden_size=16", "batch_size=4", "bptt=8",
+        "valid_batch_size=2"]
 
 
 def test_throughput_quick_json(tiny_corpus, tmp_path):
-    command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline", "--json",
-               "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256"]
+    command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline,awd-lstm-cpu",
+               "--json", "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256",
+               "--eval-windows", "3"]
     for assignment in TINY:
         command += ["--set", assignment]
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)  # exactly one JSON object on stdout
-    assert result["preset"] == "lstm-baseline"
+    result, other = map(json.loads, done.stdout.splitlines())  # a JSON object per preset
+    assert result["preset"] == "lstm-baseline" and other["preset"] == "awd-lstm-cpu"
+    # 3 windows, rounded up to a whole group of those that evaluate scores together
+    assert result["eval_windows"] == 1024 // (2 * 8) and result["eval_b1_windows"] == 1024 // 8
     for key in ("train_tokens_per_s", "eval_tokens_per_s", "eval_b1_tokens_per_s",
                 "gemm_gflops", "gemm_gflops_median", "train_fraction_of_peak",
                 "eval_fraction_of_peak",
