@@ -102,8 +102,8 @@ def test_gradient_rms_is_the_root_mean_square(lm, train_ids):
             logits.view(-1, logits.size(-1)), data[i + 1:i + 6].reshape(-1)),
             list(model.parameters()))
         squares = [s + g ** 2 for s, g in zip(squares, grads)]
-    for r, s in zip(rms, squares):
-        assert torch.allclose(r, (s / 3).sqrt(), rtol=1e-5, atol=1e-9)
+    for r, s in zip(rms, squares):  # the fused loss sums in another order than autograd's
+        torch.testing.assert_close(r, (s / 3).sqrt(), rtol=1e-4, atol=1e-7)
 
 
 @pytest.mark.parametrize("lr, decay, bptt, batches, message", [

@@ -96,6 +96,7 @@ def test_mixed_precision_on_the_gpu_learns_as_fp32_does(tiny_corpus, tmp_path, p
     assert {t.dtype for t in tensors.values()} == {torch.float32}
 
 
+@pytest.mark.filterwarnings("error:RNN module weights")  # cuDNN gathering weights at each call
 def test_a_gpu_run_scores_evaluates_and_generates_as_on_the_cpu(tiny_corpus, tmp_path, capsys):
     run_dir = tmp_path / "run"
     run_training(Config(**dict(AWD, data=str(tiny_corpus), max_steps=30,

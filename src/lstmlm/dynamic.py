@@ -55,6 +55,8 @@ def adaptable_copy(model: LSTMLM) -> LSTMLM:
     model = copy.deepcopy(model).eval()
     for layer in model.layers:
         layer.train()
+        # A copy's weights lie apart; on a GPU cuDNN would gather them at every call, and warn.
+        layer.flatten_parameters()
     return model
 
 
