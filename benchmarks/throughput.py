@@ -9,7 +9,7 @@ Run it from the repository root, with lstmlm installed (`pip install -e .`):
     python benchmarks/throughput.py --preset awd-lstm --weight-drop-cost
     python benchmarks/throughput.py --preset wt2-cpu-hour --against ../before/src
     python benchmarks/throughput.py --preset lstm-baseline --threads 1 --set batch_size=64
-    python benchmarks/throughput.py --device cuda --steps 20 --warmup 10 --eval-windows 40
+    python benchmarks/throughput.py --device cuda                    # on a GPU
 
 For each preset (default lstm-baseline, awd-lstm, awd-lstm-cpu; on WikiText-2, found like
 `lstmlm train` finds it: `--data DIR` or a name under $LSTMLM_DATA) it measures
@@ -53,8 +53,9 @@ them. On 2 idle CPU cores, where awd-lstm trains at ~900 tokens/s and its plain 
 ~450 (~6 and ~12 s a step of 80 x 70 tokens), the default run takes about 8 minutes, more than
 half of it awd-lstm; --quick (one warm-up step, then one window of one step per measure: a
 smoke test, not a measurement) about 1.5 minutes. Twice as long when another process is using
-the cores. Those budgets are a CPU's: on a GPU give the windows, e.g. `--device cuda --steps 20
---warmup 10 --eval-windows 40` (about 20 s a preset on an H200).
+the cores. With --device cuda the budgets are GPU_WORK_SCALE (100) times larger: at the rates
+measured on an H200 (docs/performance.md) a window then lasts 0.5-4 s. --steps, --warmup and
+--eval-windows set the windows by hand.
 """
 
 from __future__ import annotations
@@ -85,6 +86,9 @@ from lstmlm.train import Trainer
 PRESETS = ("lstm-baseline", "awd-lstm", "awd-lstm-cpu")
 TRAIN_WINDOW_GFLOP = 150.0  # default work per training window
 EVAL_WINDOW_GFLOP = 50.0  # about the work of an evaluation measure, at either batch size
+# A GPU does that work some hundred times faster (an H200: docs/performance.md), so there each
+# window gets this many times more of it and lasts about a second.
+GPU_WORK_SCALE = 100
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
 
@@ -337,13 +341,14 @@ def windows_for(budget_gflop: float, gflop_per_window: float) -> int:
     return max(1, round(budget_gflop / gflop_per_window))
 
 
-def eval_windows_for(cfg: Config, batch_size: int, flops: int, windows: int | None) -> int:
-    """BPTT windows per evaluation measure: `windows`, or about EVAL_WINDOW_GFLOP of work,
-    rounded up to whole groups of the windows that `evaluate` scores together (up to a chunk
-    of the fused loss), as it does throughout a real split."""
+def eval_windows_for(cfg: Config, batch_size: int, flops: int, windows: int | None,
+                     scale: float = 1) -> int:
+    """BPTT windows per evaluation measure: `windows`, or about `scale` x EVAL_WINDOW_GFLOP of
+    work, rounded up to whole groups of the windows that `evaluate` scores together (up to a
+    chunk of the fused loss), as it does throughout a real split."""
     rows = batch_size * cfg.bptt
     per_group = max(1, CHUNK_ROWS // rows)
-    windows = windows or windows_for(EVAL_WINDOW_GFLOP, flops * rows / 1e9)
+    windows = windows or windows_for(scale * EVAL_WINDOW_GFLOP, flops * rows / 1e9)
     return -(-windows // per_group) * per_group
 
 
@@ -364,11 +369,13 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
         info = {key: w.read() for key, w in workers.items()}
         flops = info["lstmlm"]["forward_flops_per_token"]
         step_gflop = 3 * flops * info["lstmlm"]["tokens_per_step"] / 1e9
-        steps = args.steps or (1 if args.quick else windows_for(TRAIN_WINDOW_GFLOP, step_gflop))
+        scale = GPU_WORK_SCALE if device.type == "cuda" else 1
+        steps = args.steps or (1 if args.quick else windows_for(scale * TRAIN_WINDOW_GFLOP,
+                                                                step_gflop))
         warmup = args.warmup if args.warmup is not None else (1 if args.quick else steps)
         batch_sizes = (cfg.valid_batch_size, 1)
         eval_windows = {bs: 1 if args.quick and not args.eval_windows
-                        else eval_windows_for(cfg, bs, flops, args.eval_windows)
+                        else eval_windows_for(cfg, bs, flops, args.eval_windows, scale)
                         for bs in batch_sizes}
         log(f"{name}: {flops:,} forward FLOP/token, {steps} step(s) per window, "
             f"{warmup} warm-up step(s), {args.windows} window(s)")

@@ -207,3 +207,16 @@ def test_corpus_benchmark_json(tmp_path):
     assert result["train_tokens"] > 3000  # the words and one <eos> per line
     for key in ("tokenize_s", "cached_load_s", "tokenize_peak_mb", "cached_peak_mb"):
         assert isinstance(result[key], (int, float)) and result[key] >= 0, key
+
+
+def test_throughput_sizes_evaluation_windows_by_work_and_device():
+    from lstmlm.config import Config
+
+    throughput = load_script("throughput")
+    cfg, flops = Config(bptt=70), 67_002_400  # awd-lstm: 4.7 GFLOP a window at batch 1
+    assert throughput.eval_windows_for(cfg, 10, flops, None) == 1
+    assert throughput.eval_windows_for(cfg, 10, flops, None, scale=100) == 107
+    # at batch 1 in whole groups of 1024 // 70 = 14 windows, as evaluate scores them
+    assert throughput.eval_windows_for(cfg, 1, flops, None) == 14
+    assert throughput.eval_windows_for(cfg, 1, flops, None, scale=100) == 1078
+    assert throughput.eval_windows_for(cfg, 10, flops, 3, scale=100) == 3
