@@ -85,11 +85,13 @@ def test_awd_training_on_the_gpu_resumes_where_it_stopped(tiny_corpus, tmp_path)
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_on_the_gpu_learns_as_fp32_does(tiny_corpus, tmp_path, precision):
+def test_mixed_precision_on_the_gpu_learns_as_fp32_does(tiny_corpus, tmp_path, precision,
+                                                        capsys):
     cfg = dict(TINY, data=str(tiny_corpus), epochs=2, lr=20.0, clip=0.25, **NO_DROPOUT)
     full = run_training(Config(**cfg), out=tmp_path / "fp32", quiet=True)
-    mixed = run_training(Config(**cfg, precision=precision), out=tmp_path / precision,
-                         quiet=True)
+    mixed = run_training(Config(**cfg, precision=precision), out=tmp_path / precision)
+    name = torch.cuda.get_device_name()
+    assert f"parameters | on cuda ({name}), {precision} | run directory" in capsys.readouterr().err
     assert mixed["test_ppl"] < 10  # of ~30 words: the sentences' order is learnt
     assert mixed["test_ppl"] == pytest.approx(full["test_ppl"], rel=0.15)
     tensors, _ = ckpt.read_tensors(tmp_path / precision / ckpt.WEIGHTS)

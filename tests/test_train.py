@@ -367,6 +367,7 @@ def test_validation_and_test_show_their_progress_unless_quiet(corpus, tmp_path, 
     assert ("epoch 1:" in shown, "valid:" in shown, "test:" in shown) == (not quiet,) * 3
     # The validation's line counts the epochs done: 2 windows of 10 of an epoch's 215 rows.
     assert ("step 2 | epochs 0.09 | valid loss" in shown) == (not quiet)
+    assert ("parameters | on cpu (1 thread), fp32 | run directory" in shown) == (not quiet)
 
 
 def test_two_new_runs_in_one_folder_are_refused(corpus, tmp_path):

@@ -620,6 +620,15 @@ class _StopOnSignal:
             signal.signal(s, handler)
 
 
+def describe_device(device: torch.device) -> str:
+    """'cuda (NVIDIA H200)' or 'cpu (2 threads)': where the run is, which a user on a machine
+    with a GPU wants to see."""
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    threads = torch.get_num_threads()
+    return f"cpu ({threads} thread{'s' if threads > 1 else ''})"
+
+
 def _corpus_of(run_dir: Path, cfg: Config, vocab_size: int) -> Corpus:
     """The corpus an existing run was trained on; refuses data with another vocabulary."""
     corpus = load_corpus(resolve_data(cfg.data, recorded=True), cfg.min_count, cfg.max_vocab)
@@ -633,7 +642,8 @@ def _corpus_of(run_dir: Path, cfg: Config, vocab_size: int) -> Corpus:
 
 def _train(trainer: Trainer, corpus: Corpus) -> dict:
     trainer.log(f"{trainer.cfg.data}: {corpus.summary()}")
-    trainer.log(f"model: {count_parameters(trainer.model):,} parameters | "
+    trainer.log(f"model: {count_parameters(trainer.model):,} parameters | on "
+                f"{describe_device(trainer.device)}, {trainer.cfg.precision} | "
                 f"run directory {trainer.run_dir}")
     with _StopOnSignal(trainer):
         results = trainer.train()
