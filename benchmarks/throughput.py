@@ -87,7 +87,7 @@ PRESETS = ("lstm-baseline", "awd-lstm", "awd-lstm-cpu")
 TRAIN_WINDOW_GFLOP = 150.0  # default work per training window
 EVAL_WINDOW_GFLOP = 50.0  # about the work of an evaluation measure, at either batch size
 # A GPU does that work some hundred times faster (an H200: docs/performance.md), so there each
-# window gets this many times more of it and lasts about a second.
+# window gets this many times more of it and lasts 0.5-4 s at an H200's rates.
 GPU_WORK_SCALE = 100
 TUNED_MALLOC = {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": "68719476736"}
 
