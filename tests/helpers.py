@@ -2,12 +2,14 @@
 
 import functools
 import io
+import json
 from pathlib import Path
 
 from tqdm import tqdm
 
 import lstmlm.evaluate
 
+from lstmlm import checkpoint as ckpt
 from lstmlm.cli import main
 
 # A corpus just big enough for a tiny model: 7 words, 20 training lines.
@@ -33,6 +35,11 @@ def make_corpus(directory: Path, **splits) -> Path:
         else:
             path.write_bytes(content)
     return directory
+
+
+def metrics(run_dir: Path) -> list[dict]:
+    """The run's validation records (metrics.jsonl), every line whole."""
+    return [json.loads(line) for line in (run_dir / ckpt.METRICS).read_text().splitlines()]
 
 
 def snapshot(directory: Path) -> dict[str, bytes]:

@@ -12,6 +12,7 @@ from lstmlm import checkpoint as ckpt
 from lstmlm.config import Config
 from lstmlm.distributed import Group, columns, mask_seed
 from lstmlm.train import run_training
+from tests.helpers import metrics
 
 TINY = dict(embedding_size=16, hidden_size=24, num_layers=2, batch_size=4, bptt=8,
             valid_batch_size=2, test_batch_size=1, lr=5.0, clip=0.5, epochs=1000, seed=5)
@@ -37,10 +38,6 @@ def torchrun(*args, nproc=2):
                           capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc
-
-
-def metrics(run):
-    return [json.loads(line) for line in (run / ckpt.METRICS).read_text().splitlines()]
 
 
 def test_two_ranks_follow_one_process(tiny_corpus, tmp_path):

@@ -14,7 +14,7 @@ from lstmlm import checkpoint as ckpt
 from lstmlm.config import Config
 from lstmlm.model import LSTMLM
 from lstmlm.train import run_training
-from tests.helpers import run
+from tests.helpers import metrics, run
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA GPU")
 
@@ -36,10 +36,6 @@ def full_fp32():
         yield
     finally:
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / ckpt.METRICS).read_text().splitlines()]
 
 
 @pytest.mark.parametrize("head", [dict(), dict(tie_weights=True, last_hidden_size=16),

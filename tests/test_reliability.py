@@ -27,7 +27,7 @@ from lstmlm.config import Config, load_preset
 from lstmlm.data import EOS, UNK
 from lstmlm.datasets import Dataset, DownloadError, download_dataset
 from lstmlm.train import DivergedError, Trainer, run_finetune, run_training
-from tests.helpers import make_corpus, snapshot
+from tests.helpers import make_corpus, metrics, snapshot
 
 SMALL = dict(embedding_size=16, hidden_size=16, num_layers=1, batch_size=4, bptt=8,
              valid_batch_size=2, test_batch_size=2, lr=1.0)
@@ -43,10 +43,6 @@ def isolated(monkeypatch, tmp_path):
 
 def config(corpus, **kw) -> Config:
     return Config(data=str(corpus), **{**SMALL, **kw})
-
-
-def metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / ckpt.METRICS).read_text().splitlines()]
 
 
 def state_meta(run_dir: Path) -> tuple[dict, list]:

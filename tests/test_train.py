@@ -20,7 +20,7 @@ from lstmlm import checkpoint as ckpt
 from lstmlm.config import Config, ConfigError
 from lstmlm.errors import LstmlmError
 from lstmlm.train import run_finetune, run_training
-from tests.helpers import Terminal, snapshot
+from tests.helpers import Terminal, metrics, snapshot
 
 SENTENCES = ["the cat sat on the mat", "a dog ran to the red house",
              "we like green tea", "it is a big day for the cat"]
@@ -42,10 +42,6 @@ def tiny(corpus, **kw):
                   dropout_input=0.0, dropout_hidden=0.0, dropout_output=0.0, epochs=1, seed=3)
     values.update(kw)
     return Config(**values)
-
-
-def metrics(run_dir):
-    return [json.loads(line) for line in (run_dir / ckpt.METRICS).read_text().splitlines()]
 
 
 def test_tiny_model_learns_a_tiny_corpus(corpus, tmp_path):
