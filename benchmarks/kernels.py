@@ -23,7 +23,9 @@ against the alternative lstmlm chose not to use, at lstm-baseline's size (700 ro
   into either layout of the chunk; evaluation's loss of the chunk, its softmax in memory
   against `target_log_probs`'s tiles; the forward pass of an nn.LSTM(1150, 1150) over 70 time
   steps at batch 10 (AWD-LSTM's validation batch) and batch 80 (its training batch), one
-  10-row recurrent product of that LSTM alone, and a 2048³ product for scale; and a
+  10-row recurrent product of that LSTM alone (also by kernels that pack its weight for 10
+  rows: MKL's, oneDNN's and, with --compiled, torch.compile's), and a 2048³ product for
+  scale; and a
   memory copy, in GB/s read + written, the bound of a product whose weights stream from memory
   for few rows (at batch 10, the LSTM reads its 21 MB recurrent matrix at every time step);
   and how fast 8, 16, 21 and 32 MB are read again and again: how much of such a matrix the L3
@@ -133,7 +135,7 @@ def tied_gradient_cases() -> dict:
             "tied_lookup + split_linear (lstmlm.fused)": one_gradient_tensor}
 
 
-def product_cases() -> dict:
+def product_cases(compiled: bool = False) -> dict:
     """name -> (function, FLOPs or bytes moved, unit)"""
     weight, bias, x = torch.randn(VOCAB, HIDDEN), torch.randn(VOCAB), torch.randn(ROWS, HIDDEN)
     targets = torch.randint(VOCAB, (ROWS,))
@@ -168,8 +170,11 @@ def product_cases() -> dict:
         cases[f"nn.LSTM(1150, 1150) forward, 70 x {batch} tokens"] = (
             forward, 2 * 4 * 2300 * 1150 * 70 * batch, "GFLOP/s")
     hidden, recurrent = torch.randn(10, 1150), torch.randn(4600, 1150)
+    recurrent_flops = 2 * 10 * 1150 * 4600
     cases["one recurrent product, 10 x 1150 by 1150 x 4600"] = (
-        lambda: torch.mm(hidden, recurrent.t()), 2 * 10 * 1150 * 4600, "GFLOP/s")
+        lambda: torch.mm(hidden, recurrent.t()), recurrent_flops, "GFLOP/s")
+    for name, product in packed_products(hidden, recurrent, compiled).items():
+        cases[f"  the same, {name}"] = (product, recurrent_flops, "GFLOP/s")
     a, b = torch.randn(2048, 2048), torch.randn(2048, 2048)
     cases["2048 x 2048 by 2048 x 2048, for scale"] = (lambda: torch.mm(a, b), 2 * 2048**3,
                                                         "GFLOP/s")
@@ -182,10 +187,46 @@ def product_cases() -> dict:
     return cases
 
 
+def packed_products(hidden, weight, compiled: bool = False) -> dict:
+    """hidden @ weight.t() by kernels that lay the weight out once for a fixed number of rows,
+    as an LSTM's recurrent product could: MKL's and oneDNN's packed matrix products (torch's
+    private ops, where this build has them) and, with `compiled`, the matrix-product kernel
+    torch.compile generates and picks when it may try its own (needs a C++ compiler)."""
+    rows, products = hidden.shape[0], {}
+    if hasattr(torch.ops.mkl, "_mkl_linear") and torch.backends.mkl.is_available():
+        packed = torch.ops.mkl._mkl_reorder_linear_weight(weight, rows)
+        products[f"MKL, weight packed for {rows} rows"] = (
+            lambda: torch.ops.mkl._mkl_linear(hidden, packed, weight, None, rows))
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise") and torch.backends.mkldnn.is_available():
+        reordered = torch.ops.mkldnn._reorder_linear_weight(weight, rows)
+        products[f"oneDNN, weight reordered for {rows} rows"] = (
+            lambda: torch.ops.mkldnn._linear_pointwise(hidden, reordered, None, "none", [], ""))
+    if compiled:
+        import torch._inductor.config as inductor
+        linear = torch.nn.Linear(weight.shape[1], weight.shape[0], bias=False).eval()
+        linear.weight.data.copy_(weight)
+        with torch.no_grad(), inductor.patch(freezing=True, max_autotune=True,
+                                             max_autotune_gemm_backends="CPP,ATEN"):
+            fast = torch.compile(linear)
+            fast(hidden)
+
+        def run_compiled():
+            with torch.no_grad():
+                return fast(hidden)
+        products["torch.compile's own kernel"] = run_compiled
+    expected = hidden @ weight.t()
+    for name, product in products.items():
+        torch.testing.assert_close(product(), expected, rtol=1e-4, atol=1e-4, msg=name)
+    return products
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--reps", type=int, default=11, help="timed repetitions of each (default 11)")
     p.add_argument("--threads", type=int, help="torch.set_num_threads")
+    p.add_argument("--compiled", action="store_true",
+                   help="also time torch.compile's own kernel for the 10-row recurrent product "
+                        "(about half a minute to compile; needs a C++ compiler)")
     args = p.parse_args(argv)
     if args.reps < 1 or (args.threads is not None and args.threads < 1):
         p.error("--reps and --threads must be at least 1")
@@ -193,7 +234,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"median of {args.reps} (interleaved)")
-    products = product_cases()
+    products = product_cases(args.compiled)
     for title, cases in (("optimizer step, 26M parameters", optimizer_cases()),
                          (f"softmax of a {ROWS}-row chunk", softmax_cases()),
                          (f"log-sum-exp of a {ROWS} x 512 tile", tile_cases()),

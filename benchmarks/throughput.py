@@ -180,11 +180,12 @@ class LstmlmBench(Bench):
         self.run_dir = tempfile.TemporaryDirectory()  # Trainer wants one; nothing is written
         self.trainer = Trainer(cfg, corpus, Path(self.run_dir.name), quiet=True)
         self.cfg, self.model, self.device = cfg, self.trainer.model, self.trainer.device
-        self.valid = corpus.valid
+        self.valid, self.vocab_size = corpus.valid, len(corpus.vocab)
         self.eval_data = {cfg.valid_batch_size: self.trainer.valid_data}
 
     def info(self) -> dict:
         return {"forward_flops_per_token": forward_flops_per_token(self.model),
+                "vocab_size": self.vocab_size,
                 "tokens_per_step": self.cfg.batch_size * self.cfg.bptt,
                 "threads": torch.get_num_threads()}
 
@@ -250,7 +251,8 @@ class PlainBench(Bench):
         self.position, self.hidden = 0, None
 
     def info(self) -> dict:
-        return {"forward_flops_per_token": forward_flops_per_token(self.model)}
+        return {"forward_flops_per_token": forward_flops_per_token(self.model),
+                "vocab_size": self.vocab_size}
 
     def step(self) -> int:
         cfg, model = self.cfg, self.model
@@ -279,7 +281,7 @@ def worker_main(spec: dict) -> None:
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     cfg = Config.from_dict(spec["config"])
-    corpus = load_corpus(Path(cfg.data))
+    corpus = load_corpus(Path(cfg.data), cfg.min_count, cfg.max_vocab)
     bench = (LstmlmBench if spec["kind"] == "lstmlm" else PlainBench)(cfg, corpus)
     replies.write(json.dumps(bench.info()) + "\n")
     for line in sys.stdin:
@@ -429,7 +431,7 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
         "memory": "GPU allocated" if device.type == "cuda" else
                   train["lstmlm"][0]["memory_source"] + " (resident set)",
         "gemm_gflops": peak_gflops, "gemm_size": args.gemm_size,
-        "forward_flops_per_token": flops,
+        "forward_flops_per_token": flops, "vocab_size": info["lstmlm"]["vocab_size"],
         "train_fraction_of_peak": fraction(train_rate, 3),
         "gemm_gflops_median": statistics.median(gemm),
         "eval_fraction_of_peak": fraction(eval_rate, 1),
@@ -558,10 +560,14 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = dict(parse_assignment(text) for text in args.set)
+    vocabularies = set()
     for name in args.presets:  # every preset's mistakes before the first is measured
-        load_preset(name).update(overrides, source="--set")
+        cfg = load_preset(name)
+        cfg.update(overrides, source="--set")
+        vocabularies.add((cfg.min_count, cfg.max_vocab))
     data_dir = resolve_data(args.data).resolve()
-    load_corpus(data_dir)  # tokenize once here, so the workers read the cache
+    for min_count, max_vocab in vocabularies:  # tokenize once here; the workers read the cache
+        load_corpus(data_dir, min_count, max_vocab)
     results = [bench_preset(name, args, data_dir, overrides) for name in args.presets]
     if args.json:
         for result in results:

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 TINY = ["embedding_size=16", "hidden_size=16", "last_hidden_size=16", "batch_size=4", "bptt=8",
@@ -18,13 +19,13 @@ def test_throughput_quick_json(tiny_corpus, tmp_path):
     command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline", "--json",
                "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256",
                "--eval-windows", "3"]
-    for assignment in TINY:
+    for assignment in TINY + ["max_vocab=20"]:
         command += ["--set", assignment]
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # exactly one JSON object on stdout
-    assert result["preset"] == "lstm-baseline"
+    assert result["preset"] == "lstm-baseline" and result["vocab_size"] == 20
     # 3 windows, rounded up to a whole group of those that evaluate scores together
     assert result["eval_windows"] == 1024 // (2 * 8) and result["eval_b1_windows"] == 1024 // 8
     for key in ("train_tokens_per_s", "eval_tokens_per_s", "eval_b1_tokens_per_s",
@@ -198,13 +199,24 @@ def test_decoder_loss_scoring_runs():
 
 
 def test_kernels_prints_every_case():
+    packed = load_script("kernels").packed_products(torch.randn(10, 8), torch.randn(16, 8))
     command = [sys.executable, str(SCRIPT.with_name("kernels.py")), "--reps", "1",
                "--threads", "1"]
     done = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     times = [float(line.split(" ms")[0].split()[-1]) for line in done.stdout.splitlines()
              if " ms" in line]
-    assert len(times) == 29 and all(t > 0 for t in times)
+    assert len(times) == 29 + len(packed) and all(t > 0 for t in times)
+    assert all(f"the same, {name}" in done.stdout for name in packed)
+
+
+def test_kernels_packed_products_equal_the_plain_one():
+    # packed_products checks each against hidden @ weight.t() itself and raises if one differs.
+    products = load_script("kernels").packed_products(torch.randn(10, 32), torch.randn(64, 32),
+                                                      compiled=True)
+    assert "torch.compile's own kernel" in products
+    if torch.backends.mkldnn.is_available():
+        assert "oneDNN, weight reordered for 10 rows" in products
 
 
 def test_corpus_benchmark_json(tmp_path):
