@@ -251,8 +251,7 @@ class PlainBench(Bench):
         self.position, self.hidden = 0, None
 
     def info(self) -> dict:
-        return {"forward_flops_per_token": forward_flops_per_token(self.model),
-                "vocab_size": self.vocab_size}
+        return {"forward_flops_per_token": forward_flops_per_token(self.model)}
 
     def step(self) -> int:
         cfg, model = self.cfg, self.model
