@@ -7,6 +7,7 @@ Run it from the repository root, with lstmlm installed (`pip install -e .`):
     python benchmarks/throughput.py --quick                          # smoke test, a few steps
     python benchmarks/throughput.py --preset awd-lstm-cpu --json     # a JSON object per preset
     python benchmarks/throughput.py --preset awd-lstm --weight-drop-cost
+    python benchmarks/throughput.py --preset lstm-baseline --compile
     python benchmarks/throughput.py --preset wt2-cpu-hour --against ../before/src
     python benchmarks/throughput.py --preset lstm-baseline --threads 1 --set batch_size=64
     python benchmarks/throughput.py --device cuda                    # on a GPU
@@ -43,7 +44,9 @@ long-lived worker subprocess (this script, re-invoked with a hidden flag). The p
 them over pipes one window at a time, alternating lstmlm, plain, tuned plain, GEMM, lstmlm, ...
 so that noise from other processes on the machine hits all alike; each figure is the median
 over --windows windows, after --warmup steps. `--weight-drop-cost` adds a fourth worker, lstmlm
-with weight_drop=0, to the rotation of the presets that use weight drop; `--against SRC` one
+with weight_drop=0, to the rotation of the presets that use weight drop; `--compile` one whose
+step runs `Trainer.training_loss` (the model's forward and loss) under torch.compile, the
+backward being compiled with it; `--against SRC` one
 that imports lstmlm from SRC (another checkout's src/ directory), which compares the training
 step of two versions of the code in one run.
 
@@ -281,7 +284,9 @@ def worker_main(spec: dict) -> None:
         torch.set_num_threads(spec["threads"])
     cfg = Config.from_dict(spec["config"])
     corpus = load_corpus(Path(cfg.data), cfg.min_count, cfg.max_vocab)
-    bench = (LstmlmBench if spec["kind"] == "lstmlm" else PlainBench)(cfg, corpus)
+    bench = (PlainBench if spec["kind"] == "plain" else LstmlmBench)(cfg, corpus)
+    if spec["kind"] == "compiled":  # compiled in the warm-up steps, the first call
+        bench.trainer.training_loss = torch.compile(bench.trainer.training_loss)
     replies.write(json.dumps(bench.info()) + "\n")
     for line in sys.stdin:
         request = json.loads(line)
@@ -363,6 +368,8 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
     if args.weight_drop_cost and cfg.weight_drop > 0:
         no_drop = Config.from_dict({**cfg.to_dict(), "weight_drop": 0.0})
         workers["no_weight_drop"] = Worker("no_weight_drop", "lstmlm", no_drop, args.threads)
+    if args.compile:
+        workers["compiled"] = Worker("compiled", "compiled", cfg, args.threads)
     if args.against:
         workers["against"] = Worker("against", "lstmlm", cfg, args.threads,
                                     {"PYTHONPATH": str(args.against)})
@@ -452,6 +459,10 @@ def bench_preset(name: str, args, data_dir: Path, overrides: dict) -> dict:
         result.update({"weight_drop": cfg.weight_drop,
                        "no_weight_drop_train_tokens_per_s": no_drop_rate,
                        "weight_drop_ratio": train_rate / no_drop_rate})
+    if "compiled" in train:
+        compiled_rate = rate(train["compiled"])
+        result.update({"compiled_train_tokens_per_s": compiled_rate,
+                       "compiled_ratio": compiled_rate / train_rate})
     if "against" in train:
         against_rate = rate(train["against"])
         result.update({"against": str(args.against), "against_train_tokens_per_s": against_rate,
@@ -495,6 +506,10 @@ def print_table(results: list[dict]) -> None:
                   f"{r['no_weight_drop_train_tokens_per_s']:.0f}, "
                   f"ratio {r['weight_drop_ratio']:.3f}")
     for r in results:
+        if "compiled_ratio" in r:
+            print(f"\n{r['preset']}: training tokens/s {r['train_tokens_per_s']:.0f}, under "
+                  f"torch.compile {r['compiled_train_tokens_per_s']:.0f} (interleaved), "
+                  f"ratio {r['compiled_ratio']:.3f}")
         if "against" in r:
             print(f"\n{r['preset']}: training tokens/s {r['train_tokens_per_s']:.0f}, with lstmlm "
                   f"from {r['against']} {r['against_train_tokens_per_s']:.0f} (interleaved), "
@@ -521,6 +536,9 @@ def parse_args(argv=None):
                                                  "2048 with --quick)")
     p.add_argument("--weight-drop-cost", action="store_true",
                    help="also time training with weight_drop=0, for presets that use weight drop")
+    p.add_argument("--compile", action="store_true",
+                   help="also time the training step with the loss's forward under "
+                        "torch.compile (compiled in the warm-up; needs a C++ compiler)")
     p.add_argument("--against", type=Path, metavar="SRC",
                    help="also time the training step with lstmlm imported from SRC (another "
                         "checkout's src/), interleaved, and give the ratio")

@@ -18,7 +18,7 @@ TINY = ["embedding_size=16", "hidden_size=16", "last_hidden_size=16", "batch_siz
 def test_throughput_quick_json(tiny_corpus, tmp_path):
     command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline", "--json",
                "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256",
-               "--eval-windows", "3"]
+               "--eval-windows", "3", "--compile"]
     for assignment in TINY + ["max_vocab=20"]:
         command += ["--set", assignment]
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
@@ -34,9 +34,11 @@ def test_throughput_quick_json(tiny_corpus, tmp_path):
                 "plain_train_tokens_per_s",
                 "plain_train_fraction_of_peak", "ratio_to_plain", "peak_train_mb",
                 "plain_tuned_train_tokens_per_s", "ratio_to_plain_tuned",
-                "peak_eval_mb", "forward_flops_per_token"):
+                "peak_eval_mb", "forward_flops_per_token", "compiled_train_tokens_per_s"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
     assert result["forward_flops_per_token"] == result["plain_forward_flops_per_token"]
+    assert result["compiled_ratio"] == pytest.approx(
+        result["compiled_train_tokens_per_s"] / result["train_tokens_per_s"])
 
 
 def test_throughput_against_another_source_tree(tiny_corpus, tmp_path):
@@ -98,9 +100,13 @@ def test_throughput_table(capsys):
               "ratio_to_plain": 1.55, "gemm_gflops_median": 180.1,
               "plain_tuned_train_tokens_per_s": 781.0,
               "ratio_to_plain_tuned": 1.10, "gemm_gflops": 187.2, "gemm_size": 4096, "device": "cpu",
-              "threads": 2, "memory": "VmHWM (resident set)", "windows": 5}
+              "threads": 2, "memory": "VmHWM (resident set)", "windows": 5,
+              "compiled_train_tokens_per_s": 851.8, "compiled_ratio": 0.99}
     throughput.print_table([result])
-    header, row = capsys.readouterr().out.splitlines()[:2]
+    out = capsys.readouterr().out
+    assert ("awd-lstm: training tokens/s 860, under torch.compile 852 (interleaved), "
+            "ratio 0.990") in out
+    header, row = out.splitlines()[:2]
     assert header.split()[:4] == ["preset", "train", "tok/s", "eval"]
     assert "eval % peak b10" in header
     assert row.split() == ["awd-lstm", "860", "2058", "1143", "2668", "92.3", "73.7", "554",
