@@ -22,7 +22,7 @@ def test_throughput_quick_json(tiny_corpus, tmp_path):
     for assignment in TINY + ["max_vocab=20"]:
         command += ["--set", assignment]
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=120)
+    done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert done.returncode == 0, done.stderr
     result = json.loads(done.stdout)  # exactly one JSON object on stdout
     assert result["preset"] == "lstm-baseline" and result["vocab_size"] == 20
