@@ -15,6 +15,15 @@ def isolated_cache(monkeypatch, tmp_path):
     monkeypatch.setenv("LSTMLM_CACHE", str(tmp_path / "cache"))
 
 
+@pytest.fixture
+def two_threads():
+    """Both cores, for work at real sizes (the tiny models run on one thread, above)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def shared_data() -> Path:
     """The real corpora (`../shared/data` beside the repo, or `$LSTMLM_TEST_DATA`).

@@ -3,6 +3,7 @@
 import importlib.util
 import json
 import os
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -10,16 +11,38 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import run
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 TINY = ["embedding_size=16", "hidden_size=16", "last_hidden_size=16", "batch_size=4", "bptt=8",
         "valid_batch_size=2"]
 
 
+def load_script(name: str):
+    """A benchmark script as a module, to call its functions."""
+    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_throughput_quick_json(tiny_corpus, tmp_path):
+    """One run with every extra worker: under torch.compile, and with lstmlm from another
+    source tree (--against SRC), here a copy of this tree whose package leaves a mark when
+    imported."""
+    import shutil
+
+    other = tmp_path / "other" / "src"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "src" / "lstmlm", other / "lstmlm",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    mark = tmp_path / "imported"
+    with open(other / "lstmlm" / "__init__.py", "a") as f:
+        f.write(f"\nopen({str(mark)!r}, 'w').close()\n")
     command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline", "--json",
                "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256",
-               "--eval-windows", "3", "--compile"]
-    for assignment in TINY + ["max_vocab=20"]:
+               "--eval-windows", "3", "--compile", "--against", str(other)]
+    # (With the adaptive softmax, whose FLOPs differ from the plain step's full softmax.)
+    for assignment in TINY + ["max_vocab=20", "softmax=adaptive", "adaptive_cutoffs=10"]:
         command += ["--set", assignment]
     env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
@@ -34,52 +57,35 @@ def test_throughput_quick_json(tiny_corpus, tmp_path):
                 "plain_train_tokens_per_s",
                 "plain_train_fraction_of_peak", "ratio_to_plain", "peak_train_mb",
                 "plain_tuned_train_tokens_per_s", "ratio_to_plain_tuned",
-                "peak_eval_mb", "forward_flops_per_token", "compiled_train_tokens_per_s"):
+                "peak_eval_mb", "forward_flops_per_token", "compiled_train_tokens_per_s",
+                "against_train_tokens_per_s", "ratio_to_against"):
         assert isinstance(result[key], (int, float)) and result[key] > 0, key
-    assert result["forward_flops_per_token"] == result["plain_forward_flops_per_token"]
     assert result["compiled_ratio"] == pytest.approx(
         result["compiled_train_tokens_per_s"] / result["train_tokens_per_s"])
-
-
-def test_throughput_against_another_source_tree(tiny_corpus, tmp_path):
-    """--against SRC times a worker that imports lstmlm from SRC: here a copy of this tree
-    whose package leaves a mark when imported."""
-    import shutil
-
-    other = tmp_path / "other" / "src"
-    # (With the adaptive softmax, whose FLOPs differ from the plain step's full softmax.)
-    shutil.copytree(Path(__file__).resolve().parents[1] / "src" / "lstmlm", other / "lstmlm",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    mark = tmp_path / "imported"
-    with open(other / "lstmlm" / "__init__.py", "a") as f:
-        f.write(f"\nopen({str(mark)!r}, 'w').close()\n")
-    command = [sys.executable, str(SCRIPT), "--quick", "--preset", "lstm-baseline", "--json",
-               "--data", str(tiny_corpus), "--threads", "1", "--gemm-size", "256"]
-    for assignment in TINY + ["softmax=adaptive", "adaptive_cutoffs=10"]:
-        command += ["--set", assignment]
-    env = {**os.environ, "LSTMLM_CACHE": str(tmp_path / "cache")}
-    done = subprocess.run(command + ["--against", str(other)], capture_output=True, text=True,
-                          env=env, timeout=120)
-    assert done.returncode == 0, done.stderr
-    result = json.loads(done.stdout)
     assert mark.exists() and result["against"] == str(other.resolve())
     assert result["forward_flops_per_token"] < result["plain_forward_flops_per_token"]
     for prefix, flops in (("", "forward_flops_per_token"),
                           ("plain_", "plain_forward_flops_per_token")):
         assert result[f"{prefix}train_fraction_of_peak"] == pytest.approx(
             result[f"{prefix}train_tokens_per_s"] * 3 * result[flops] / result["gemm_gflops"] / 1e9)
-    assert result["against_train_tokens_per_s"] > 0 and result["ratio_to_against"] > 0
-    done = subprocess.run(command + ["--against", str(tmp_path)], capture_output=True,
-                          text=True, env=env, timeout=60)
-    assert done.returncode == 2 and "no lstmlm package there" in done.stderr
 
 
-def load_script(name: str):
-    """A benchmark script as a module, to call its functions."""
-    spec = importlib.util.spec_from_file_location(name, SCRIPT.with_name(f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def test_throughput_against_a_folder_without_lstmlm_is_refused(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stop:
+        load_script("throughput").parse_args(["--against", str(tmp_path)])
+    assert stop.value.code == 2 and "no lstmlm package there" in capsys.readouterr().err
+
+
+def test_the_plain_step_counts_the_flops_of_lstmlm_with_a_full_softmax():
+    from lstmlm.config import Config
+    from lstmlm.model import LSTMLM
+
+    throughput = load_script("throughput")
+    for cfg, sizes in ((Config(embedding_size=8, hidden_size=12, num_layers=2), [8, 12, 12]),
+                       (Config(embedding_size=8, hidden_size=12, num_layers=3,
+                               last_hidden_size=8), [8, 12, 12, 8])):
+        assert throughput.forward_flops_per_token(LSTMLM(cfg, 50)) == \
+            throughput.forward_flops_per_token(throughput.PlainLM(50, sizes))
 
 
 def test_throughput_json_is_a_line_per_preset(tiny_corpus, monkeypatch, capsys):
@@ -152,7 +158,7 @@ def test_ranks_copies_a_data_directory_or_one_text_file(tmp_path):
     assert line_counts(ranks.small_eval_copy(folder, tmp_path / "from-dir")) == [60, 20, 20]
 
 
-def test_budget_json(tiny_corpus, tmp_path):
+def test_budget_json(tiny_corpus, tmp_path, capsys):
     command = [sys.executable, str(SCRIPT.with_name("budget.py")), "--preset", "lstm-baseline",
                "--minutes", "0.02", "--data", str(tiny_corpus), "--json", "--cache",
                "--out", str(tmp_path / "run")]
@@ -166,18 +172,24 @@ def test_budget_json(tiny_corpus, tmp_path):
     assert result["test_ppl"] > 1 and result["best_valid_ppl"] > 1
     saved = json.loads((tmp_path / "run" / "results.json").read_text())
     assert saved["stop_reason"] == "max_minutes" and saved["test_ppl"] == result["test_ppl"]
-    evaluated = subprocess.run([sys.executable, "-m", "lstmlm", "evaluate", str(tmp_path / "run"),
-                                "--split", "test", "--cache", "--json"],
-                               capture_output=True, text=True, env=env, timeout=300)
-    assert evaluated.returncode == 0, evaluated.stderr
-    assert result["test_ppl_cache"] == pytest.approx(json.loads(evaluated.stdout)["ppl"])
+    code, out, err = run(capsys, "evaluate", tmp_path / "run", "--split", "test", "--cache",
+                         "--json")
+    assert code == 0, err
+    assert result["test_ppl_cache"] == pytest.approx(json.loads(out)["ppl"])
 
 
-def test_budget_bad_preset_is_one_line():
-    done = subprocess.run([sys.executable, str(SCRIPT.with_name("budget.py")), "--preset",
-                           "no-such-preset"], capture_output=True, text=True, timeout=300)
-    assert done.returncode == 1
-    assert done.stderr.startswith("budget.py: error: ") and "Traceback" not in done.stderr
+def run_script(monkeypatch, name: str, *args) -> int | str:
+    """`python benchmarks/NAME ARGS` run in this process, for a command that stops early: the
+    status it exits with (a string is printed to stderr, with status 1)."""
+    monkeypatch.setattr(sys, "argv", [name, *args])
+    with pytest.raises(SystemExit) as stop:
+        runpy.run_path(str(SCRIPT.with_name(name)), run_name="__main__")
+    return stop.value.code
+
+
+def test_budget_bad_preset_is_one_line(monkeypatch):
+    status = run_script(monkeypatch, "budget.py", "--preset", "no-such-preset")
+    assert status.startswith("budget.py: error: ") and "no-such-preset" in status
 
 
 @pytest.mark.parametrize("script, args, message", [
@@ -186,34 +198,32 @@ def test_budget_bad_preset_is_one_line():
     ("kernels.py", ["--reps", "0"], "--reps and --threads must be at least 1"),
     ("decoder_loss.py", ["--chunks", "0"], "every --chunks value must be at least 1"),
 ])
-def test_counts_that_would_mean_no_limit_or_nothing_are_refused(script, args, message):
-    done = subprocess.run([sys.executable, str(SCRIPT.with_name(script)), *args],
-                          capture_output=True, text=True, timeout=300)
-    assert done.returncode == 2 and message in done.stderr and "Traceback" not in done.stderr
+def test_counts_that_would_mean_no_limit_or_nothing_are_refused(script, args, message,
+                                                                monkeypatch, capsys):
+    assert run_script(monkeypatch, script, *args) == 2
+    assert message in capsys.readouterr().err
 
 
-def test_decoder_loss_scoring_runs():
+def test_decoder_loss_scoring_runs(capsys, two_threads):
     # Forward passes only, at the real lstm-baseline size: a few seconds.
-    command = [sys.executable, str(SCRIPT.with_name("decoder_loss.py")), "--sizes",
-               "lstm-baseline", "--reps", "1", "--threads", "1", "--scoring", "--no-memory"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    assert "a scoring pass" in done.stdout
-    rows = [line.split() for line in done.stdout.splitlines()
+    load_script("decoder_loss").main(["--sizes", "lstm-baseline", "--reps", "1", "--threads",
+                                      "2", "--scoring", "--no-memory"])
+    out = capsys.readouterr().out
+    assert "a scoring pass" in out
+    rows = [line.split() for line in out.splitlines()
             if line.split()[:1] in (["straightforward"], ["fused,"])]
     assert len(rows) == 2 and all(float(r[-2]) > 0 for r in rows)  # GFLOP/s
 
 
-def test_kernels_prints_every_case():
-    packed = load_script("kernels").packed_products(torch.randn(10, 8), torch.randn(16, 8))
-    command = [sys.executable, str(SCRIPT.with_name("kernels.py")), "--reps", "1",
-               "--threads", "1"]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr
-    times = [float(line.split(" ms")[0].split()[-1]) for line in done.stdout.splitlines()
+def test_kernels_prints_every_case(capsys, two_threads):
+    kernels = load_script("kernels")
+    packed = kernels.packed_products(torch.randn(10, 8), torch.randn(16, 8))
+    kernels.main(["--reps", "1"])  # at the real sizes
+    out = capsys.readouterr().out
+    times = [float(line.split(" ms")[0].split()[-1]) for line in out.splitlines()
              if " ms" in line]
     assert len(times) == 29 + len(packed) and all(t > 0 for t in times)
-    assert all(f"the same, {name}" in done.stdout for name in packed)
+    assert all(f"the same, {name}" in out for name in packed)
 
 
 def test_kernels_packed_products_equal_the_plain_one():
