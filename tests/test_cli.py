@@ -478,9 +478,12 @@ def test_generate_greedy(capsys, tiny_run):
     assert code == 0 and out.split() == ["the", "cat"] + greedy.split()
 
 
+def test_generate_without_a_prompt_starts_a_line(capsys, tiny_run):
+    code, out, _ = run(capsys, "generate", tiny_run, "--temperature", "0", "--max-tokens", "10")
+    assert code == 0 and out == lstmlm.load(tiny_run).generate(max_tokens=10, temperature=0) + "\n"
+
+
 @pytest.mark.parametrize("args, message", [
-    (["--prompt", ""], "the prompt is empty"),
-    (["--prompt", "  \n "], "the prompt is empty"),
     (["--prompt", "a", "--temperature=-0.5"], "temperature must be >= 0"),
     (["--prompt", "a", "--temperature", "nan"], "temperature must be >= 0"),
     (["--prompt", "a", "--top-p", "0"], "top-p must be in (0, 1]"),
@@ -514,7 +517,7 @@ def test_presets_lists_the_baseline_with_its_description(capsys):
     ["evaluate", "somewhere", "--bogus"],
     ["frobnicate"],
     [],
-    ["generate", "somewhere"],  # --prompt is required
+    ["generate"],  # the run directory is required
     ["evaluate", "somewhere", "--batch-size", "1.5"],
     ["evaluate", "somewhere", "--split", "dev"],
     ["generate", "somewhere", "--prompt", "a", "--max-tokens", "many"],

@@ -222,12 +222,14 @@ def test_generate_warns_about_unknown_prompt_words(lm):
     assert isinstance(text, str)
 
 
-@pytest.mark.parametrize("prompt", ["", "   ", "\n", " \n\t\n"])
-def test_empty_prompt_is_refused(lm, prompt):
-    with pytest.raises(LstmlmError, match="prompt is empty"):
-        encode_prompt(lm.vocab, prompt)
-    with pytest.raises(LstmlmError, match="prompt is empty"):
-        lm.generate(prompt, max_tokens=3)
+@pytest.mark.parametrize("prompt, lines", [("", 1), ("   ", 1), ("\n", 2), (" \n\t\n", 3)])
+def test_a_prompt_without_words_starts_a_line(lm, prompt, lines):
+    eos = lm.vocab.index["<eos>"]
+    assert encode_prompt(lm.vocab, prompt) == ([eos] * lines, [])
+    expected = detokenize(lm.vocab.decode(greedy_by_hand(lm.model, [eos] * lines, 6)))
+    assert lm.generate(prompt, max_tokens=6, temperature=0) == expected
+    if lines == 1:
+        assert lm.generate(max_tokens=6, temperature=0) == expected
 
 
 def test_detokenize_maps_eos_to_newlines():

@@ -41,10 +41,11 @@ class LanguageModel:
             warnings.warn(unknown_words(unknown, "prompt word(s)", "read"), stacklevel=3)
         return [ids for ids, _ in encoded]
 
-    def generate(self, prompt: str | list[str], max_tokens: int = 50, temperature: float = 1.0,
+    def generate(self, prompt: str | list[str] = "", max_tokens: int = 50, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, seed: int | None = None,
                  num_samples: int = 1):
-        """Continuation(s) of `prompt` (without the prompt). Greedy when temperature is 0.
+        """Continuation(s) of `prompt` (without the prompt; with none, the text starts a new
+        line). Greedy when temperature is 0.
 
         One prompt gives a string (a list of `num_samples` strings if more than one). A list of
         prompts, of any lengths, gives a list with one such answer per prompt: prompts are read

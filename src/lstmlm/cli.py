@@ -271,7 +271,7 @@ def cmd_generate(args) -> None:
                    args.top_p, args.num_samples, args.seed)
     # The prompt as given, but for trailing spaces; after a line break, no space before a word.
     prompt = args.prompt.rstrip(" \t")
-    separator = "" if prompt.endswith("\n") else " "
+    separator = "" if prompt.endswith("\n") or not prompt else " "
     if args.num_samples == 1:  # stream each word as soon as it is sampled
         print(prompt, end="", flush=True)
         space = separator
@@ -421,7 +421,8 @@ def build_parser() -> ArgumentParser:
 
     p = sub.add_parser("generate", help="sample text from a trained model")
     p.add_argument("run_dir", type=given)
-    p.add_argument("--prompt", required=True)
+    p.add_argument("--prompt", default="",
+                   help="words to continue (default: none, the text starts a new line)")
     p.add_argument("--max-tokens", type=int, default=50)
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
     p.add_argument("--top-k", type=int, default=0, help="0: off")

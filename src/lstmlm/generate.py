@@ -63,10 +63,8 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
 def encode_prompt(vocab: Vocab, prompt: str) -> tuple[list[int], list[str]]:
     """Token ids of a prompt and its unknown words: `<eos>` first, so the prompt is read as
     the start of a line of the corpus (as `score` reads a text), then at each line end but
-    the last."""
+    the last. An empty prompt is `<eos>` alone: the text starts a new line."""
     lines = prompt.split("\n")
-    if not prompt.split():
-        raise LstmlmError("the prompt is empty; pass some words, e.g. --prompt 'The meaning of'")
     words = [EOS] + [w for i, line in enumerate(lines)
                      for w in line.split() + ([EOS] if i < len(lines) - 1 else [])]
     unknown = [w for w in words if w not in vocab.index]
